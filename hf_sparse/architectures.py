@@ -1,0 +1,169 @@
+"""The one table of per-model knowledge: where each family keeps its MLP and attention projections.
+
+A *block* is the module that owns one group of units (an MLP's neurons or an attention's heads). Its
+members are the projections those units span: `out` members produce the units (rows of up/gate/q/k/v),
+`in` members consume them (columns of down/o_proj). Adding a model family is one entry in `ARCHITECTURES`;
+anything else can pass the same layout as `SparseConfig(architecture={...})`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROLES = ("out", "in")
+# How many rows (out) or columns (in) of a member one unit spans:
+#   "1": one (an MLP neuron); "head": head_dim (a key/value head);
+#   "group": query heads per key/value group * head_dim (the query side of one GQA group).
+WIDTHS = ("1", "head", "group")
+
+
+@dataclass(frozen=True)
+class Member:
+    path: str  # dotted path from the block module
+    role: str  # "out" or "in"
+    width: str = "1"
+    segments: int = 1  # fused projections: GPT-2's c_attn holds q, k and v side by side (3)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    anchor: str  # regex searched at the end of a module's full name, e.g. r"layers\.\d+\.mlp"
+    members: tuple[Member, ...]
+    # Attributes of the attention module (path from the block, value = kept units * width) that its
+    # forward uses to reshape; they must follow the number of computed heads under gather compute.
+    head_attrs: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, name: str) -> bool:
+        return re.search(rf"(^|\.){self.anchor}$", name) is not None
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    mlp: BlockSpec | None = None
+    attention: BlockSpec | None = None
+    notes: str = field(default="", compare=False)
+
+    def blocks(self) -> dict[str, BlockSpec]:
+        return {k: v for k, v in (("neuron", self.mlp), ("head", self.attention)) if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ArchitectureSpec":
+        """`{"mlp": {"anchor": ..., "members": [{"path", "role", "width", "segments"}]}, "attention": {...,
+        "head_attrs": [["num_heads", "1"]]}}`; either block may be missing."""
+        unknown = sorted(set(data) - {"mlp", "attention", "notes"})
+        if unknown:
+            raise ValueError(f"SparseConfig.architecture has unknown keys {unknown}; expected 'mlp' and/or 'attention'")
+        blocks = {}
+        for key in ("mlp", "attention"):
+            block = data.get(key)
+            if block is None:
+                continue
+            try:
+                members = tuple(Member(**m) for m in block["members"])
+                spec = BlockSpec(
+                    anchor=block["anchor"],
+                    members=members,
+                    head_attrs=tuple(tuple(a) for a in block.get("head_attrs", ())),
+                )
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"SparseConfig.architecture[{key!r}] is malformed ({e}); see ArchitectureSpec.from_dict") from e
+            for m in members:
+                if m.role not in ROLES or m.width not in WIDTHS or m.segments < 1:
+                    raise ValueError(
+                        f"SparseConfig.architecture[{key!r}] member {m}: role must be in {ROLES}, width in {WIDTHS}, "
+                        "segments >= 1"
+                    )
+            if not any(m.role == "out" for m in members) or not any(m.role == "in" for m in members):
+                raise ValueError(f"SparseConfig.architecture[{key!r}] needs at least one 'out' and one 'in' member")
+            blocks[key] = spec
+        if not blocks:
+            raise ValueError("SparseConfig.architecture defines neither 'mlp' nor 'attention'")
+        return cls(**blocks, notes=data.get("notes", ""))
+
+
+def _plain_mlp(anchor: str, up: tuple[str, ...], down: str) -> BlockSpec:
+    return BlockSpec(anchor, tuple(Member(p, "out") for p in up) + (Member(down, "in"),))
+
+
+def _qkvo_attention(anchor: str, q: str, k: str, v: str, o: str, head_attrs=()) -> BlockSpec:
+    members = (Member(q, "out", "group"), Member(k, "out", "head"), Member(v, "out", "head"), Member(o, "in", "group"))
+    return BlockSpec(anchor, members, head_attrs)
+
+
+_BERT = ArchitectureSpec(
+    mlp=_plain_mlp(r"layer\.\d+", ("intermediate.dense",), "output.dense"),
+    attention=_qkvo_attention(r"layer\.\d+\.attention", "self.query", "self.key", "self.value", "output.dense"),
+    notes="BERT-style encoders: intermediate.dense / output.dense, self.{query,key,value} / output.dense",
+)
+_GPT2 = ArchitectureSpec(
+    mlp=_plain_mlp(r"h\.\d+\.mlp", ("c_fc",), "c_proj"),
+    attention=BlockSpec(
+        r"h\.\d+\.attn",
+        (Member("c_attn", "out", "head", segments=3), Member("c_proj", "in", "head")),
+        head_attrs=(("split_size", "head"), ("num_heads", "1")),
+    ),
+    notes="GPT-2: Conv1D layers, fused c_attn split by split_size",
+)
+_LLAMA = ArchitectureSpec(
+    mlp=_plain_mlp(r"layers\.\d+\.mlp", ("gate_proj", "up_proj"), "down_proj"),
+    attention=_qkvo_attention(r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+    notes="Llama-style decoders: gated MLP, grouped-query attention (a unit is one key/value group)",
+)
+_OPT = ArchitectureSpec(
+    mlp=_plain_mlp(r"layers\.\d+", ("fc1",), "fc2"),
+    attention=_qkvo_attention(
+        r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "out_proj", head_attrs=(("num_heads", "1"),)
+    ),
+    notes="OPT: fc1 / fc2 in the decoder layer; attention reshapes with self.num_heads",
+)
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "gpt2": _GPT2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "opt": _OPT,
+}
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def width(self, symbol: str) -> int:
+        return {"1": 1, "head": self.head_dim, "group": self.group_size * self.head_dim}[symbol]
+
+
+def head_geometry(config) -> HeadGeometry:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return HeadGeometry(heads, kv, head_dim)
+
+
+def get_architecture(model_config, override: dict[str, Any] | None = None) -> ArchitectureSpec:
+    if override is not None:
+        return ArchitectureSpec.from_dict(override)
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"hf_sparse has no unit layout for model_type={model_type!r} (supported: {sorted(ARCHITECTURES)}). "
+            "Pass SparseConfig(architecture={'mlp': {'anchor': ..., 'members': [...]}, 'attention': {...}}) "
+            "describing where its MLP and attention projections are, or use granularity='weight' with "
+            "target_modules naming its nn.Linear layers."
+        )
+    return ARCHITECTURES[model_type]

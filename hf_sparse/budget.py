@@ -1,0 +1,58 @@
+"""The global budget: exact projection onto the weighted capped simplex, and the cubic schedule.
+
+`project_to_budget` solves  min ||s - z||^2  s.t.  0 <= s <= 1,  sum_u c_u s_u <= K
+(method.md section 2, step 6). Its KKT solution is s = clamp(z - lambda * c, 0, 1) with lambda >= 0
+the root of the monotone function f(lambda) = sum_u c_u clamp(z_u - lambda c_u, 0, 1) - K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def project_to_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, iterations: int = 64) -> torch.Tensor:
+    """Euclidean projection of `z` onto `{0 <= s <= 1, sum(costs * s) <= budget}`.
+
+    Bisection brackets lambda, then one exact step on the piecewise-linear f solves it to float64
+    precision (the active set is fixed near the root). Returns a tensor of z's dtype and device.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    if (costs <= 0).any():
+        raise ValueError("every unit cost must be > 0")
+    z64, c64 = z.detach().double(), costs.detach().double()
+    clamped = z64.clamp(0.0, 1.0)
+    if float((c64 * clamped).sum()) <= budget:
+        return clamped.to(z.dtype)
+
+    def spent(lam: torch.Tensor) -> torch.Tensor:
+        return (c64 * (z64 - lam * c64).clamp(0.0, 1.0)).sum()
+
+    lo = torch.zeros((), dtype=torch.float64, device=z.device)
+    hi = (z64 / c64).max().clamp(min=0.0)  # at hi every s is 0: spent(hi) = 0 <= budget
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if spent(mid) > budget:
+            lo = mid
+        else:
+            hi = mid
+    # Exact step: on [lo, hi] the units strictly inside (0, 1) are linear in lambda.
+    lam = hi
+    shifted = z64 - lam * c64
+    inside = (shifted > 0) & (shifted < 1)
+    if inside.any():
+        at_one = shifted >= 1
+        denom = (c64[inside] ** 2).sum()
+        exact = ((c64[inside] * z64[inside]).sum() + c64[at_one].sum() - budget) / denom
+        if lo <= exact <= hi and spent(exact) <= budget * (1 + 1e-12):
+            lam = exact
+    return (z64 - lam * c64).clamp(0.0, 1.0).to(z.dtype)
+
+
+def cubic_budget(step: int, total: float, final: float, start_step: int, end_step: int) -> float:
+    """Budget at `step`: `total` until `start_step`, then a cubic fall to `final` at `end_step` (ProbMask,
+    movement pruning). Fast early, slow near the target, so the last units go while the weights adapt."""
+    if end_step <= start_step:
+        return final if step >= start_step else total
+    progress = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return final + (total - final) * (1.0 - progress) ** 3

@@ -1,0 +1,155 @@
+"""Score-gated layers. They know nothing about training: each reads its group's current mask.
+
+`SparseLinear` replaces an `nn.Linear` or a GPT-2 `Conv1D` that produces (`role="out"`) or consumes
+(`role="in"`) the units of a group. Under gather compute the kept rows (out) or columns (in) are gathered
+and a smaller dense matmul runs on them: the activations between the two members have only the kept units,
+a dropped unit costs nothing forward or backward and gets no gradient. Under mask compute the consuming
+member multiplies its input by the mask (the reference implementation; exact zeros either way).
+
+The layer keeps the original parameter names (`weight`, `bias`), so a patched model's state dict has the
+original keys plus the groups' `scores`/`mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .structure import UnitGroup
+
+try:  # transformers' GPT-2 style linear: weight is [in, out]
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+SUPPORTED_LAYER_TYPES = "torch.nn.Linear, transformers.pytorch_utils.Conv1D"
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
+
+
+class _GroupRef:
+    """Holds the group without registering it as a submodule (it is registered once, on its block)."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: UnitGroup):
+        self.group = group
+
+    def __deepcopy__(self, memo):  # deep copies of the model must follow the copied group
+        import copy
+
+        return _GroupRef(copy.deepcopy(self.group, memo))
+
+
+class SparseLinear(nn.Module):
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        group: UnitGroup,
+        role: str,
+        width: int = 1,
+        segments: int = 1,
+        transposed: bool = False,
+    ):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self._ref = _GroupRef(group)
+        self.role = role
+        self.width = width
+        self.segments = segments
+        self.transposed = transposed  # Conv1D stores [in, out]
+        out_features = weight.shape[1] if transposed else weight.shape[0]
+        self.segment_size = out_features // segments
+
+    @property
+    def group(self) -> UnitGroup:
+        return self._ref.group
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1] if self.transposed else self.weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, group: UnitGroup, role: str, width: int = 1, segments: int = 1) -> "SparseLinear":
+        if not is_supported_linear(module):
+            raise TypeError(f"hf_sparse cannot sparsify a {type(module).__name__}; supported layer types: {SUPPORTED_LAYER_TYPES}")
+        transposed = Conv1D is not None and isinstance(module, Conv1D)
+        return cls(module.weight, module.bias, group, role, width, segments, transposed)
+
+    def to_linear(self, zero_dropped: bool = True) -> nn.Module:
+        """The original layer type with these parameters; dropped units' rows/columns zeroed in place."""
+        if zero_dropped:
+            self.zero_dropped_()
+        if self.transposed:
+            layer = Conv1D(self.out_features, self.in_features)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight = self.weight
+        layer.bias = self.bias
+        return layer
+
+    @torch.no_grad()
+    def zero_dropped_(self) -> None:
+        keep = self.group.expanded_mask(self.width, self.segments if self.role == "out" else 1).to(self.weight.dtype)
+        w = self.weight.t() if self.transposed else self.weight  # [out, in] view
+        if self.role == "out":
+            w.mul_(keep[:, None])
+            if self.bias is not None:
+                self.bias.mul_(keep)
+        else:
+            w.mul_(keep[None, :])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        w = self.weight.t() if self.transposed else self.weight  # [out, in], a view
+        if not group.gathers:
+            if self.role == "in" and not group.all_kept:
+                x = x * group.expanded_mask(self.width).to(x.dtype)
+            return F.linear(x, w, self.bias)
+        idx = group.index(self.width, self.segments, self.segment_size)
+        if self.role == "out":
+            bias = self.bias.index_select(0, idx) if self.bias is not None else None
+            return F.linear(x, w.index_select(0, idx), bias)
+        if group.none_kept:  # the one computed stand-in unit is dropped too
+            x = x * 0
+        return F.linear(x, w.index_select(1, idx), self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.transposed else "Linear"
+        return (
+            f"{kind}(in={self.in_features}, out={self.out_features}), role={self.role}, unit_width={self.width}, "
+            f"segments={self.segments}, group={self.group.kind}"
+        )
+
+
+class MaskedWeightLinear(SparseLinear):
+    """Element-wise units: one score per weight, `W * mask` in a dense matmul. On dense hardware this
+    saves no compute at all; it exists for fine-grained sparsity targets and comparisons."""
+
+    def __init__(self, weight, bias, group, transposed=False):
+        super().__init__(weight, bias, group, role="out", transposed=transposed)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, group: UnitGroup, *args, **kwargs) -> "MaskedWeightLinear":
+        if not is_supported_linear(module):
+            raise TypeError(f"hf_sparse cannot sparsify a {type(module).__name__}; supported layer types: {SUPPORTED_LAYER_TYPES}")
+        return cls(module.weight, module.bias, group, Conv1D is not None and isinstance(module, Conv1D))
+
+    @torch.no_grad()
+    def zero_dropped_(self) -> None:
+        self.weight.mul_(self.group.mask.view_as(self.weight).to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if not self.group.all_kept:
+            w = w * self.group.mask.view_as(w).to(w.dtype)
+        return F.linear(x, w.t() if self.transposed else w, self.bias)

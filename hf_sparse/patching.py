@@ -1,0 +1,355 @@
+"""sparsify_model / unsparsify_model: find the units, build groups and layers, swap them in atomically.
+
+Patching is all or nothing: every group and layer is built and checked before the first `setattr`, and a
+failure during the swap puts back what was already swapped. A group is registered once, as
+`sparse_neurons` / `sparse_heads` / `sparse_weights` on the module that owns its projections.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .architectures import BlockSpec, get_architecture, head_geometry
+from .budget import project_to_budget
+from .config import SparseConfig
+from .layers import MaskedWeightLinear, SparseLinear, is_supported_linear, SUPPORTED_LAYER_TYPES
+from .structure import SparseStructure, UnitGroup
+
+logger = logging.getLogger(__name__)
+
+GROUP_ATTR = {"neuron": "sparse_neurons", "head": "sparse_heads", "weight": "sparse_weights"}
+CONFIG_ATTR = "hf_sparse_config"
+
+
+@dataclass
+class _Swap:
+    parent: nn.Module
+    name: str
+    old: nn.Module
+    new: nn.Module
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return any(isinstance(m, UnitGroup) for m in model.modules())
+
+
+def get_sparse_config(model: nn.Module) -> SparseConfig:
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError("this model is not sparsified: call hf_sparse.sparsify_model(model, config) first")
+    return config
+
+
+def _name_matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def _lora_parts(module: nn.Module):
+    """(base_layer, lora_A dict, lora_B dict) of a PEFT LoRA layer, else None."""
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B"):
+        return module.base_layer, module.lora_A, module.lora_B
+    return None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    parts = _lora_parts(module)
+    return parts[0] if parts else module
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear / Conv1D (through a LoRA wrapper)."""
+    base = _base(module)
+    if not is_supported_linear(base):
+        raise TypeError(
+            f"hf_sparse cannot sparsify a {type(base).__name__}; supported layer types: {SUPPORTED_LAYER_TYPES} "
+            "(optionally wrapped by a PEFT LoRA layer)"
+        )
+    w = base.weight
+    return (w.shape[1], w.shape[0]) if type(base).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+
+
+def _layer_swaps(member_module: nn.Module, member_parent: nn.Module, member_name: str, make: Callable) -> list[_Swap]:
+    """The swaps that make one member sparse: the layer itself, or inside a LoRA layer its base layer and
+    the adapter matrix that touches the units (lora_B for producers, lora_A for consumers)."""
+    parts = _lora_parts(member_module)
+    if parts is None:
+        return [_Swap(member_parent, member_name, member_module, make(member_module, adapter=False))]
+    base, lora_a, lora_b = parts
+    swaps = [_Swap(member_module, "base_layer", base, make(base, adapter=False))]
+    for adapter_name in lora_a.keys():
+        swaps.append(_Swap(lora_b, adapter_name, lora_b[adapter_name], make(lora_b[adapter_name], adapter="B")))
+        swaps.append(_Swap(lora_a, adapter_name, lora_a[adapter_name], make(lora_a[adapter_name], adapter="A")))
+    return swaps
+
+
+def _build_block_groups(model, config, spec: BlockSpec, kind: str, geometry, candidates: list[str]):
+    """Groups and swaps for every block of one kind that passes the target/exclude filters."""
+    plans = []
+    for block_name, block in model.named_modules():
+        if isinstance(block, (UnitGroup, SparseLinear)) or not spec.matches(block_name):
+            continue
+        members = []
+        for m in spec.members:
+            try:
+                module = _get(block, m.path)
+            except AttributeError:
+                members = None
+                break
+            members.append((m, module, f"{block_name}.{m.path}"))
+        if not members:
+            continue
+        names = [full for _, _, full in members]
+        candidates.extend(names)
+        if config.target_modules is not None and not any(_name_matches(n, config.target_modules) for n in names):
+            continue
+        if config.exclude_modules is not None and any(
+            _name_matches(n, config.exclude_modules) for n in names + [block_name]
+        ):
+            continue
+        plans.append(_plan_block(block_name, block, members, spec, kind, geometry, config))
+    return plans
+
+
+def _plan_block(block_name, block, members, spec, kind, geometry, config):
+    shapes = [(m, module, full, _weight_shape(module)) for m, module, full in members]
+    # number of units from the first out member: its rows are segments * units * width
+    m0, _, full0, (out0, _) = shapes[0]
+    width0 = geometry.width(m0.width) if kind == "head" else 1
+    num_units = out0 // (m0.segments * width0)
+    cost = 0.0
+    for m, module, full, (out_f, in_f) in shapes:
+        width = geometry.width(m.width) if kind == "head" else 1
+        rows = out_f if m.role == "out" else in_f
+        if rows != num_units * width * (m.segments if m.role == "out" else 1):
+            raise ValueError(
+                f"{full}: {rows} {'rows' if m.role == 'out' else 'columns'} do not split into {num_units} units of "
+                f"width {width}; check the architecture layout for this model"
+            )
+        base = _base(module)
+        cost += (in_f if m.role == "out" else out_f) * width * (m.segments if m.role == "out" else 1)
+        if m.role == "out" and base.bias is not None:
+            cost += width * m.segments
+    group = UnitGroup(kind, num_units, cost, compute=config.compute)
+    group.to(device=_base(members[0][1]).weight.device)
+    swaps = []
+    for m, module, full, _ in shapes:
+        width = geometry.width(m.width) if kind == "head" else 1
+        parent_path, _, child = f"{m.path}".rpartition(".")
+        parent = _get(block, parent_path)
+
+        def make(layer, adapter, m=m, width=width):
+            if adapter == "A" and m.role == "out" or adapter == "B" and m.role == "in":
+                return layer  # the adapter side that does not touch the units stays dense
+            return SparseLinear.from_linear(layer, group, m.role, width, m.segments if m.role == "out" else 1)
+
+        swaps.extend(s for s in _layer_swaps(module, parent, child, make) if s.new is not s.old)
+    head_attrs = [(_get(block, p.rpartition(".")[0]) if "." in p else block, p.rpartition(".")[2], geometry.width(w))
+                  for p, w in spec.head_attrs]
+    return block_name, block, group, swaps, head_attrs
+
+
+def _build_weight_groups(model, config, spec, candidates):
+    """One element-wise group per targeted projection."""
+    if spec is not None and config.target_modules is None:
+        member_paths = [(b.anchor, m.path) for b in spec.blocks().values() for m in b.members]
+        wanted = lambda name: any(re.search(rf"(^|\.){a}\.{re.escape(p)}$", name) for a, p in member_paths)  # noqa: E731
+    else:
+        wanted = lambda name: _name_matches(name, config.target_modules)  # noqa: E731
+    plans = []
+    for name, module in model.named_modules():
+        if isinstance(module, (UnitGroup, SparseLinear)):
+            continue
+        if not (is_supported_linear(module) or _lora_parts(module) is not None):
+            continue
+        if any(isinstance(p, SparseLinear) for p in module.children()):
+            continue
+        if _lora_parts(module) is None and _is_inside_lora(model, name):
+            continue
+        candidates.append(name)
+        if not wanted(name):
+            continue
+        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+            continue
+        base = _base(module)
+        if not is_supported_linear(base):
+            raise TypeError(f"{name}: hf_sparse cannot sparsify a {type(base).__name__}; supported: {SUPPORTED_LAYER_TYPES}")
+        group = UnitGroup("weight", base.weight.numel(), 1.0, compute="mask")
+        group.to(device=base.weight.device)
+        group.scores.data = group.scores.data.view(-1)
+        parent_path, _, child = name.rpartition(".")
+        parent = _get(model, parent_path)
+        if _lora_parts(module) is not None:
+            swaps = [_Swap(module, "base_layer", base, MaskedWeightLinear.from_linear(base, group))]
+            owner_name, owner = name, module
+        else:
+            swaps = [_Swap(parent, child, module, MaskedWeightLinear.from_linear(module, group))]
+            owner_name, owner = parent_path, parent
+        # the owner may hold several projections: name the group after the layer
+        plans.append((owner_name, owner, group, swaps, [], f"sparse_weights_{child}" if owner is parent else None))
+    return plans
+
+
+def _is_inside_lora(model, name: str) -> bool:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = _get(model, ".".join(parts[:i]))
+        if _lora_parts(parent) is not None:
+            return True
+    return False
+
+
+def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Patch a Transformers (or PEFT LoRA) model in place with score-gated sparse layers; returns it.
+
+    `filter_fn(module, name) -> bool` is an escape hatch beside target_modules: a group is built only if
+    it returns True for its block (neuron/head) or projection (weight).
+    """
+    config = config if config is not None else SparseConfig()
+    if not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
+    if is_sparsified(model):
+        raise ValueError(
+            "this model is already sparsified (it has hf_sparse unit groups); call hf_sparse.unsparsify_model(model) "
+            "first, or keep training the sparse model as it is"
+        )
+    model_config = getattr(model, "config", None)
+    candidates: list[str] = []
+    if config.uses_weights:
+        spec = None
+        if config.target_modules is None or config.architecture is not None:
+            spec = get_architecture(model_config, config.architecture)
+        plans = _build_weight_groups(model, config, spec, candidates)
+    else:
+        spec = get_architecture(model_config, config.architecture)
+        blocks = spec.blocks()
+        missing = [g for g in config.granularity if g not in blocks]
+        if missing:
+            raise ValueError(f"SparseConfig.granularity asks for {missing} but the architecture layout defines no such block")
+        geometry = head_geometry(model_config) if "head" in config.granularity else None
+        plans = []
+        for kind in config.granularity:
+            plans += [p + (None,) for p in _build_block_groups(model, config, blocks[kind], kind, geometry, candidates)]
+    if filter_fn is not None:
+        plans = [p for p in plans if filter_fn(p[1], p[0])]
+    if not plans:
+        shown = sorted(set(candidates))[:40]
+        raise ValueError(
+            f"SparseConfig target_modules={config.target_modules!r} exclude_modules={config.exclude_modules!r} "
+            f"granularity={config.granularity} matched no module. Candidate module names: {shown}"
+            + (" ..." if len(set(candidates)) > 40 else "")
+            + ". Use names or dotted suffixes from this list (a list), or a regex over full names (a string)."
+        )
+
+    done: list[_Swap] = []
+    registered: list[tuple[nn.Module, str]] = []
+    try:
+        for owner_name, owner, group, swaps, head_attrs, attr in plans:
+            attr = attr or GROUP_ATTR[group.kind]
+            if hasattr(owner, attr):
+                raise ValueError(f"{owner_name or 'the model'} already has an attribute {attr!r}")
+            owner.add_module(attr, group)
+            registered.append((owner, attr))
+            for s in swaps:
+                setattr(s.parent, s.name, s.new)
+                done.append(s)
+            for module, name, width in head_attrs:
+                group.track_head_attr(module, name, width)
+        setattr(model, CONFIG_ATTR, config)
+        init_scores(model, config)
+    except BaseException:
+        for s in reversed(done):
+            setattr(s.parent, s.name, s.old)
+        for owner, attr in registered:
+            delattr(owner, attr)
+        if hasattr(model, CONFIG_ATTR):
+            delattr(model, CONFIG_ATTR)
+        raise
+    structure = SparseStructure(model)
+    logger.info(
+        "hf_sparse: %d unit groups, %d units, %.0f prunable parameters, target sparsity %.2f",
+        len(structure.groups), structure.num_units, structure.total_budget("params"), config.sparsity,
+    )
+    return model
+
+
+@torch.no_grad()
+def init_scores(model: nn.Module, config: SparseConfig) -> None:
+    """Set the keep probabilities as `config.score_init` says (see SparseConfig)."""
+    structure = SparseStructure(model)
+    costs = structure.costs(config.budget)
+    target = (1.0 - config.sparsity) * float(costs.double().sum())
+    if config.score_init == "ones":
+        flat = torch.ones(structure.num_units, device=structure.device)
+    elif config.score_init == "budget":
+        flat = torch.full((structure.num_units,), 1.0 - config.sparsity, device=structure.device)
+    else:
+        flat = unit_magnitudes(model, structure)
+        # scale so the largest unit sits at 1, then project: the strongest units start near-certain
+        flat = project_to_budget(flat / flat.max().clamp(min=1e-12) * 2.0, costs, target)
+    structure.set_scores(flat)
+
+
+@torch.no_grad()
+def unit_magnitudes(model: nn.Module, structure: SparseStructure | None = None) -> torch.Tensor:
+    """Per unit, the L2 norm of all the weights it spans (rows of producers, columns of consumers), divided
+    by sqrt(parameters) so units of different sizes compare: the naive importance for magnitude pruning."""
+    structure = structure or SparseStructure(model)
+    sums = {id(g): torch.zeros(g.num_units, dtype=torch.float64, device=g.mask.device) for g in structure}
+    for layer in model.modules():
+        if not isinstance(layer, SparseLinear):
+            continue
+        g = layer.group
+        if isinstance(layer, MaskedWeightLinear):
+            sums[id(g)] += layer.weight.detach().double().reshape(-1) ** 2
+            continue
+        w = layer.weight.detach().double()
+        w = w.t() if layer.transposed else w  # [out, in]
+        if layer.role == "out":
+            per_row = (w**2).sum(1)
+            if layer.bias is not None:
+                per_row = per_row + layer.bias.detach().double() ** 2
+            per_unit = per_row.view(layer.segments, g.num_units, layer.width).sum((0, 2))
+        else:
+            per_unit = (w**2).sum(0).view(g.num_units, layer.width).sum(1)
+        sums[id(g)] += per_unit
+    return torch.cat([(sums[id(g)] / g.params_per_unit.double()).sqrt().float() for g in structure])
+
+
+def _swapped_layers(model: nn.Module):
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SparseLinear):
+                yield parent, name, child
+
+
+def unsparsify_model(model: nn.Module, shrink: bool = False) -> nn.Module:
+    """Undo `sparsify_model`: the original layer classes back, dropped units zeroed in the weights (by the
+    current mask: call `fix_masks` first to choose it), unit groups and their attributes removed."""
+    if not is_sparsified(model):
+        raise ValueError("this model is not sparsified; there is nothing to undo")
+    if shrink:
+        from .export import shrink_model  # physical removal lives with the export code
+
+        return shrink_model(model)
+    for parent, name, layer in list(_swapped_layers(model)):
+        setattr(parent, name, layer.to_linear(zero_dropped=True))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, UnitGroup):
+                child.restore_head_attrs()
+                delattr(parent, name)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
