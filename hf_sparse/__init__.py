@@ -8,6 +8,8 @@ from .layers import MaskedWeightLinear, SparseLinear
 from .patching import get_sparse_config, is_sparsified, sparsify_model, unit_magnitudes, unsparsify_model
 from .report import SparsityReport, sparsity_report
 from .structure import SparseStructure, UnitGroup, sample_masks, topk_mask
+from .trainer import SparseTrainer
+from .training_args import SparseTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,8 @@ __all__ = sorted(
         "SparseConfig",
         "SparseLinear",
         "SparseStructure",
+        "SparseTrainer",
+        "SparseTrainingArguments",
         "SparsityReport",
         "UnitGroup",
         "cubic_budget",

@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 
 
-def project_to_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, iterations: int = 64) -> torch.Tensor:
+def project_to_budget(
+    z: torch.Tensor, costs: torch.Tensor, budget: float, iterations: int = 64, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Euclidean projection of `z` onto `{0 <= s <= 1, sum(costs * s) <= budget}`.
 
+    With `weights`, the projection in the weighted metric `sum_u w_u (s_u - z_u)^2`: s = clamp(z - lambda c / w).
+    `weights=costs` shifts every unit alike (a head worth 100 neurons is not pushed 100 times harder).
     Bisection brackets lambda, then one exact step on the piecewise-linear f solves it to float64
     precision (the active set is fixed near the root). Returns a tensor of z's dtype and device.
     """
@@ -21,15 +25,18 @@ def project_to_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, itera
     if (costs <= 0).any():
         raise ValueError("every unit cost must be > 0")
     z64, c64 = z.detach().double(), costs.detach().double()
+    if weights is not None and (weights <= 0).any():
+        raise ValueError("every projection weight must be > 0")
+    shift = c64 if weights is None else c64 / weights.detach().double()
     clamped = z64.clamp(0.0, 1.0)
     if float((c64 * clamped).sum()) <= budget:
         return clamped.to(z.dtype)
 
     def spent(lam: torch.Tensor) -> torch.Tensor:
-        return (c64 * (z64 - lam * c64).clamp(0.0, 1.0)).sum()
+        return (c64 * (z64 - lam * shift).clamp(0.0, 1.0)).sum()
 
     lo = torch.zeros((), dtype=torch.float64, device=z.device)
-    hi = (z64 / c64).max().clamp(min=0.0)  # at hi every s is 0: spent(hi) = 0 <= budget
+    hi = (z64 / shift).max().clamp(min=0.0)  # at hi every s is 0: spent(hi) = 0 <= budget
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if spent(mid) > budget:
@@ -38,15 +45,15 @@ def project_to_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, itera
             hi = mid
     # Exact step: on [lo, hi] the units strictly inside (0, 1) are linear in lambda.
     lam = hi
-    shifted = z64 - lam * c64
+    shifted = z64 - lam * shift
     inside = (shifted > 0) & (shifted < 1)
     if inside.any():
         at_one = shifted >= 1
-        denom = (c64[inside] ** 2).sum()
+        denom = (c64[inside] * shift[inside]).sum()
         exact = ((c64[inside] * z64[inside]).sum() + c64[at_one].sum() - budget) / denom
         if lo <= exact <= hi and spent(exact) <= budget * (1 + 1e-12):
             lam = exact
-    return (z64 - lam * c64).clamp(0.0, 1.0).to(z.dtype)
+    return (z64 - lam * shift).clamp(0.0, 1.0).to(z.dtype)
 
 
 def cubic_budget(step: int, total: float, final: float, start_step: int, end_step: int) -> float:

@@ -1,0 +1,352 @@
+"""SparseTrainer: the Trainer's AdamW weight update plus the VR-PGE structure update (method.md section 2).
+
+One optimizer step, with masks drawn once per step from (seed, step, sample) so that every rank agrees:
+  micro-batch i:  mask m1 -> forward + backward (weights);  mask m2.. -> no-grad forward(s), same dropout bits
+  last micro-batch: losses averaged over micro-batches, all-reduced (mean) across ranks in float32
+                    -> estimator -> Adam on s -> projection onto the scheduled budget
+  then the Trainer steps AdamW on the weights as usual.
+After `fix_masks_at`, the top-K mask is fixed and a step is a plain forward and backward on the kept units.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .budget import cubic_budget, project_to_budget
+from .config import SparseConfig
+from .estimator import disarm_gradient, vrpge_gradient
+from .layers import SparseLinear
+from .patching import get_sparse_config, is_sparsified, sparsify_model
+from .structure import SparseStructure, sample_masks, topk_mask
+from .training_args import SparseTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+STRUCTURE_STATE_NAME = "sparse_structure_state.pt"
+
+
+class SparseTrainer(Trainer):
+    """A [`Trainer`] that learns which neurons and heads to keep while it trains the weights.
+
+    Args:
+        model: a model already passed through `sparsify_model`, or a plain model plus `sparse_config`.
+        args: [`SparseTrainingArguments`] (plain `TrainingArguments` are converted, with the defaults).
+        sparse_config: how to sparsify a plain model (ignored with a warning if the model is sparsified).
+        Everything else is passed to [`Trainer`].
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        sparse_config: SparseConfig | None = None,
+        **kwargs: Any,
+    ):
+        if model is None:
+            raise ValueError("SparseTrainer needs a model (model_init is not supported: the structure lives in the model)")
+        if args is None:
+            args = SparseTrainingArguments(output_dir="trainer_output")
+        elif not isinstance(args, SparseTrainingArguments):
+            # Accept plain TrainingArguments like TRL's trainers do: same values, structure defaults.
+            dict_args = args.to_dict()
+            dict_args["hub_token"] = args.hub_token
+            dict_args.pop("push_to_hub_token", None)
+            args = SparseTrainingArguments(**dict_args)
+        if is_sparsified(model):
+            if sparse_config is not None and sparse_config.to_dict() != get_sparse_config(model).to_dict():
+                warnings.warn("SparseTrainer: the model is already sparsified; its own SparseConfig is used, not sparse_config")
+        else:
+            sparsify_model(model, sparse_config if sparse_config is not None else SparseConfig())
+        self.sparse_config = get_sparse_config(model)
+        self.structure = SparseStructure(model)
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False  # every weight is in the graph (gathered or masked)
+        super().__init__(model=model, args=args, **kwargs)
+
+        self._costs = self.structure.costs(self.sparse_config.budget)
+        self._total_budget = float(self._costs.double().sum())
+        self._target_budget = (1.0 - self.sparse_config.sparsity) * self._total_budget
+        self._params_per_unit = self.structure.params_per_unit()
+        self._dense_matmul_params, self._prunable_params = _matmul_params(model, self.structure)
+        self.structure_optimizer: torch.optim.Optimizer | None = None
+        self._pending_structure_state: str | None = None
+        self._reset_step_accumulators()
+        self._metrics: dict[str, list[float]] = {}
+        self._sparse_state = {"skipped_updates": 0, "flops_ratio_sum": 0.0, "steps": 0}
+        self._warned_nonfinite = False
+        self._loss_scale = 1.0
+
+    # --- schedule -------------------------------------------------------------------------------------
+    def _fraction_step(self, fraction: float) -> int:
+        return int(round(fraction * self.state.max_steps))
+
+    def budget_at(self, step: int) -> float:
+        a = self.args
+        return cubic_budget(
+            step, self._total_budget, self._target_budget,
+            self._fraction_step(a.budget_schedule_start), self._fraction_step(a.budget_schedule_end),
+        )
+
+    def is_fixed(self, step: int | None = None) -> bool:
+        step = self.state.global_step if step is None else step
+        return self.args.fix_masks_at < 1.0 and step >= self._fraction_step(self.args.fix_masks_at)
+
+    def topk_mask(self) -> torch.Tensor:
+        """The deterministic mask: top-K scores filling the target budget."""
+        return topk_mask(self.structure.scores(), self._costs, self._target_budget)
+
+    # --- the step -------------------------------------------------------------------------------------
+    def _reset_step_accumulators(self):
+        self._step_masks: torch.Tensor | None = None
+        self._step_mask_step = -1
+        self._step_losses: torch.Tensor | None = None
+
+    def _create_structure_optimizer(self):
+        params = [g.scores for g in self.structure]
+        self.structure_optimizer = torch.optim.Adam(
+            params, lr=self.args.structure_learning_rate,
+            betas=(self.args.structure_adam_beta1, self.args.structure_adam_beta2), weight_decay=0.0,
+        )
+        if self._pending_structure_state is not None:
+            self._load_structure_state(self._pending_structure_state)
+            self._pending_structure_state = None
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if self.structure_optimizer is None:
+            self._create_structure_optimizer()
+        step = self.state.global_step
+        if self.is_fixed(step):
+            if self._step_mask_step != step:  # the fixed top-K mask; scores no longer move
+                self.structure.set_masks(self.topk_mask())
+                self._step_mask_step = step
+                self._record_flops(self._forward_share(self.structure.masks()) * 3.0)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        a = self.args
+        if self._step_mask_step != step:
+            # First micro-batch of this optimizer step: draw the masks, identical on every rank.
+            self._step_masks = sample_masks(
+                self.structure.scores(), a.mask_samples, a.seed, step, antithetic=a.estimator == "disarm"
+            )
+            self._step_losses = torch.zeros(a.mask_samples, dtype=torch.float64)
+            self._step_mask_step = step
+            shares = [self._forward_share(m) for m in self._step_masks]
+            backward = sum(shares[: a.weight_grad_samples]) * 2.0
+            self._record_flops(sum(shares) + backward)
+
+        rng = _rng_state(self.args.device)
+        total = 0.0
+        for k in range(a.mask_samples):
+            self.structure.set_masks(self._step_masks[k])
+            if k > 0:
+                _set_rng_state(rng, self.args.device)  # common random numbers: same dropout for every mask
+            if k < a.weight_grad_samples:
+                # the weight gradient is the mean over the backpropagated samples
+                self._loss_scale = 1.0 / a.weight_grad_samples
+                try:
+                    value = super().training_step(model, inputs, num_items_in_batch).detach().float() * a.weight_grad_samples
+                finally:
+                    self._loss_scale = 1.0
+                total = total + value / a.weight_grad_samples
+            else:
+                with torch.no_grad():
+                    value = self._forward_loss(model, inputs, num_items_in_batch)
+            self._step_losses[k] += float(value)
+        if self.accelerator.sync_gradients:
+            self._structure_step()
+        return total
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # scaled only while several masks share one weight gradient (weight_grad_samples > 1)
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        if self._loss_scale == 1.0:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] * self._loss_scale,) + tuple(out[1:])
+        return out * self._loss_scale
+
+    def _forward_loss(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """The loss of a no-grad forward, normalised exactly as `Trainer.training_step` normalises it."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss.detach().float()
+
+    @torch.no_grad()
+    def _structure_step(self):
+        a = self.args
+        device = self.structure.device
+        losses = self._step_losses.to(device=self.args.device, dtype=torch.float32)
+        if self.accelerator.num_processes > 1:
+            losses = self.accelerator.reduce(losses, reduction="mean")
+        losses = losses.to(device)
+        masks = self._step_masks.to(device)
+        scores = self.structure.scores()
+        step = self.state.global_step
+        if not bool(torch.isfinite(losses).all()):
+            self._sparse_state["skipped_updates"] += 1
+            if not self._warned_nonfinite:
+                logger.warning(f"SparseTrainer: non-finite loss {losses.tolist()} at step {step}; skipping this structure update")
+                self._warned_nonfinite = True
+            delta = None
+        elif a.estimator == "disarm":
+            delta = disarm_gradient(losses, masks, scores, a.score_function)
+        else:
+            delta = vrpge_gradient(losses, masks, scores, a.score_function)
+        if delta is not None:
+            for g, d in zip(self.structure.groups, self.structure.split(delta)):
+                g.scores.grad = d.to(g.scores.dtype).view_as(g.scores)
+            self.structure_optimizer.step()
+            self.structure_optimizer.zero_grad(set_to_none=True)
+        # Projection onto the budget of the step that follows (also when the update was skipped).
+        weights = self._costs if a.projection == "weighted" else None
+        projected = project_to_budget(self.structure.scores(), self._costs, self.budget_at(step + 1), weights=weights)
+        self.structure.set_scores(projected)
+        self._log_structure(losses, projected, step + 1)
+
+    # --- metrics --------------------------------------------------------------------------------------
+    def _forward_share(self, mask: torch.Tensor) -> float:
+        """Matmul FLOPs of a forward with this mask relative to dense (the linear layers' parameters as proxy)."""
+        kept = float((self._params_per_unit * mask.to(self._params_per_unit.device)).sum())
+        return (self._dense_matmul_params - self._prunable_params + kept) / self._dense_matmul_params
+
+    def _record_flops(self, step_cost: float):
+        self._sparse_state["flops_ratio_sum"] += step_cost / 3.0
+        self._sparse_state["steps"] += 1
+
+    def _add_metric(self, name: str, value: float):
+        self._metrics.setdefault(name, []).append(float(value))
+
+    def _log_structure(self, losses: torch.Tensor, scores: torch.Tensor, next_step: int):
+        self._add_metric("sparse/loss_diff", float(losses[0] - losses[1]))
+        s = scores.double().clamp(1e-12, 1 - 1e-12)
+        entropy = -(s * s.log() + (1 - s) * (1 - s).log())
+        self._add_metric("sparse/mask_entropy", float(entropy.mean()))
+        self._add_metric("sparse/scores_at_0", float((scores <= 0).double().mean()))
+        self._add_metric("sparse/scores_at_1", float((scores >= 1).double().mean()))
+        self._add_metric("sparse/budget", self.budget_at(next_step) / self._total_budget)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the structure metrics averaged since the last one
+            for name, values in self._metrics.items():
+                if values:
+                    logs[name] = sum(values) / len(values)
+            self._metrics = {}
+            scores = self.structure.scores().double()
+            kept_topk = float((self._costs.double() * self.topk_mask().double()).sum())
+            logs["sparse/sparsity"] = 1.0 - kept_topk / self._total_budget
+            logs["sparse/expected_sparsity"] = 1.0 - float((self._costs.double() * scores).sum()) / self._total_budget
+            logs["sparse/train_flops_vs_dense"] = self._sparse_state["flops_ratio_sum"] / max(self._sparse_state["steps"], 1)
+            logs["sparse/skipped_updates"] = self._sparse_state["skipped_updates"]
+            logs["sparse/fixed"] = float(self.is_fixed())
+        super().log(logs, start_time)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def _set_eval_mask(self):
+        if self.is_fixed() or self.args.eval_mask == "topk":
+            mask = self.topk_mask()
+        elif self.args.eval_mask == "dense":
+            mask = torch.ones(self.structure.num_units)
+        else:
+            mask = sample_masks(self.structure.scores(), 1, self.args.seed, 10**9 + self.state.global_step)[0]
+        self.structure.set_masks(mask)
+        self._step_mask_step = -1  # the next training step sets its own masks again
+
+    def evaluate(self, *args, **kwargs):
+        self._set_eval_mask()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        self._set_eval_mask()
+        return super().predict(*args, **kwargs)
+
+    # --- train / checkpoints --------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, str):
+            self._pending_structure_state = resume_from_checkpoint
+        self.structure_optimizer = None
+        self._reset_step_accumulators()
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # Leave the model with the deterministic mask: what evaluation saw and what export will keep.
+        self.structure.set_masks(self.topk_mask())
+        self._step_mask_step = -1
+        return output
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.structure_optimizer is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(
+                {
+                    "structure_optimizer": self.structure_optimizer.state_dict(),
+                    "sparse_state": dict(self._sparse_state),
+                    "scores": self.structure.scores().cpu(),
+                    "sparse_config": self.sparse_config.to_dict(),
+                },
+                os.path.join(folder, STRUCTURE_STATE_NAME),
+            )
+
+    def _load_structure_state(self, checkpoint: str):
+        path = os.path.join(checkpoint, STRUCTURE_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}: the structure optimizer starts fresh")
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["sparse_config"] != self.sparse_config.to_dict():
+            raise ValueError(
+                f"{checkpoint} was trained with SparseConfig {state['sparse_config']}, this run uses "
+                f"{self.sparse_config.to_dict()}; resume with the same config"
+            )
+        self.structure_optimizer.load_state_dict(state["structure_optimizer"])
+        self._sparse_state.update(state["sparse_state"])
+        # the model weights file holds the scores too; this copy guards against a weights-only reload
+        self.structure.set_scores(state["scores"].to(self.structure.device))
+
+
+def _matmul_params(model: nn.Module, structure: SparseStructure) -> tuple[float, float]:
+    """(all matmul weights of the model, the prunable ones): the FLOPs proxy of the logs."""
+    from .layers import is_supported_linear
+
+    total = 0.0
+    for m in model.modules():
+        if isinstance(m, SparseLinear) or is_supported_linear(m):
+            total += m.weight.numel()
+    prunable = float(structure.params_per_unit().double().sum())
+    return max(total, prunable), prunable
+
+
+def _rng_state(device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+

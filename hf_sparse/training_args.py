@@ -1,0 +1,129 @@
+"""SparseTrainingArguments: TrainingArguments plus the structure search (method.md sections 2 and 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .estimator import SCORE_FUNCTIONS
+
+ESTIMATORS = ("vrpge", "disarm")
+EVAL_MASKS = ("topk", "sample", "dense")
+PROJECTIONS = ("weighted", "euclidean")
+
+
+@dataclass
+class SparseTrainingArguments(TrainingArguments):
+    r"""
+    [`TrainingArguments`] plus the arguments of the structure search of [`SparseTrainer`].
+
+    Parameters:
+        > Structure optimizer
+
+        structure_learning_rate (`float`, defaults to `0.1`):
+            Learning rate of Adam on the keep probabilities s (no weight decay).
+        structure_adam_beta1 / structure_adam_beta2 (`float`, defaults to `0.9` / `0.999`):
+            Adam betas of the structure optimizer.
+
+        > Estimator
+
+        estimator (`str`, defaults to `"vrpge"`):
+            `"vrpge"`: independent masks, the paper's variance-reduced policy gradient; `"disarm"`: one
+            antithetic pair with the DisARM estimator (unbiased, lower variance, same cost).
+        mask_samples (`int`, defaults to `2`):
+            Masks per optimizer step (K). Costs K forwards; the first is also backpropagated.
+        weight_grad_samples (`int`, defaults to `1`):
+            How many of the masks also get a backward for the weights (1 or 2; the reference code uses 2).
+        score_function (`str`, defaults to `"fisher"`):
+            `"fisher"` (the reference code's) or `"exact"` (the true score function).
+
+        > Budget schedule
+
+        budget_schedule_start / budget_schedule_end (`float`, defaults to `0.0` / `0.5`):
+            The cubic budget falls from dense to the target between these fractions of training.
+        fix_masks_at (`float`, defaults to `0.8`):
+            Fraction of training after which the top-K mask is fixed and only the kept weights train
+            (one forward and one backward per step). `1.0` searches until the end.
+        projection (`str`, defaults to `"weighted"`):
+            `"euclidean"`: the exact projection of method.md (units with large costs move first);
+            `"weighted"`: the projection in the metric weighted by unit cost (every unit moves alike).
+
+        > Evaluation
+
+        eval_mask (`str`, defaults to `"topk"`):
+            The mask used by `evaluate`/`predict` while searching: the deterministic top-K mask at the
+            target (what is exported), a Bernoulli sample, or the dense model.
+    """
+
+    structure_learning_rate: float = field(
+        default=0.1, metadata={"help": "Adam learning rate of the keep probabilities (structure parameters)."}
+    )
+    structure_adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 of the structure optimizer."})
+    structure_adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 of the structure optimizer."})
+    estimator: str = field(
+        default="vrpge", metadata={"help": "Structure gradient estimator.", "choices": list(ESTIMATORS)}
+    )
+    mask_samples: int = field(default=2, metadata={"help": "Masks (forward passes) per optimizer step, >= 2."})
+    weight_grad_samples: int = field(
+        default=1, metadata={"help": "Masks that are also backpropagated for the weights (1 or 2)."}
+    )
+    score_function: str = field(
+        default="fisher", metadata={"help": "Score function of the estimator.", "choices": list(SCORE_FUNCTIONS)}
+    )
+    budget_schedule_start: float = field(
+        default=0.0, metadata={"help": "Fraction of training where the cubic budget schedule starts."}
+    )
+    budget_schedule_end: float = field(
+        default=0.5, metadata={"help": "Fraction of training where the budget reaches the target sparsity."}
+    )
+    fix_masks_at: float = field(
+        default=0.8,
+        metadata={"help": "Fraction of training after which the top-K mask is fixed (weights-only phase). 1.0: never."},
+    )
+    projection: str = field(
+        default="weighted", metadata={"help": "Budget projection metric.", "choices": list(PROJECTIONS)}
+    )
+    eval_mask: str = field(
+        default="topk", metadata={"help": "Mask used for evaluation while searching.", "choices": list(EVAL_MASKS)}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.structure_learning_rate > 0:
+            raise ValueError(
+                f"structure_learning_rate must be > 0, got {self.structure_learning_rate}; e.g. --structure_learning_rate 0.1"
+            )
+        for name in ("structure_adam_beta1", "structure_adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("score_function", self.score_function, SCORE_FUNCTIONS)
+        _choice("projection", self.projection, PROJECTIONS)
+        _choice("eval_mask", self.eval_mask, EVAL_MASKS)
+        if self.mask_samples < 2 or self.mask_samples > 64:
+            raise ValueError(f"mask_samples must be in [2, 64] (each costs a forward pass), got {self.mask_samples}")
+        if self.estimator == "disarm" and self.mask_samples != 2:
+            raise ValueError(f"estimator='disarm' uses exactly one antithetic pair: mask_samples must be 2, got {self.mask_samples}")
+        if self.weight_grad_samples not in (1, 2) or self.weight_grad_samples > self.mask_samples:
+            raise ValueError(
+                f"weight_grad_samples must be 1 or 2 (and <= mask_samples={self.mask_samples}), got {self.weight_grad_samples}"
+            )
+        for name in ("budget_schedule_start", "budget_schedule_end", "fix_masks_at"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a fraction of training in [0, 1], got {getattr(self, name)}")
+        if self.budget_schedule_end < self.budget_schedule_start:
+            raise ValueError(
+                f"budget_schedule_end={self.budget_schedule_end} is before budget_schedule_start="
+                f"{self.budget_schedule_start}; the schedule must end after it starts"
+            )
+        if self.fix_masks_at < self.budget_schedule_end:
+            raise ValueError(
+                f"fix_masks_at={self.fix_masks_at} is before budget_schedule_end={self.budget_schedule_end}: the mask "
+                "would be fixed before the budget reaches the target; set fix_masks_at >= budget_schedule_end"
+            )
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
