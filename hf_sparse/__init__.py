@@ -8,10 +8,20 @@ from .layers import MaskedWeightLinear, SparseLinear
 from .patching import get_sparse_config, is_sparsified, sparsify_model, unit_magnitudes, unsparsify_model
 from .report import SparsityReport, sparsity_report
 from .structure import SparseStructure, UnitGroup, sample_masks, topk_mask
-from .trainer import SparseTrainer
-from .training_args import SparseTrainingArguments
 
 __version__ = "0.1.0"
+
+# The Trainer costs seconds to import: load it only when asked for.
+_LAZY = {"SparseTrainer": ".trainer", "SparseTrainingArguments": ".training_args"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = sorted(
     [
