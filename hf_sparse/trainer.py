@@ -67,6 +67,13 @@ class SparseTrainer(Trainer):
             sparsify_model(model, sparse_config if sparse_config is not None else SparseConfig())
         self.sparse_config = get_sparse_config(model)
         self.structure = SparseStructure(model)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and args.world_size == 1:
+            raise ValueError(
+                f"{world} processes were launched but the Trainer would train each alone (TrainingArguments.parallel_mode="
+                f"{args.parallel_mode}); on a machine without GPUs pass use_cpu=True (--use_cpu) so they form one "
+                "data-parallel group over gloo"
+            )
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every weight is in the graph (gathered or masked)
         super().__init__(model=model, args=args, **kwargs)
