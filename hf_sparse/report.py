@@ -94,7 +94,7 @@ def sparsity_report(model: nn.Module, seq_len: int = 128) -> SparsityReport:
         report.prunable_params_kept += round(kept_p)
         report.prunable_params_kept_topk += round(tk_p)
         report.expected_params_kept += float((ppu * g.scores.double()).sum())
-    report.total_params = sum(p.numel() for p in model.parameters() if not _is_score(p, structure))
+    report.total_params = sum(p.numel() for p in model.parameters())
     dense = kept = 0.0
     for module in model.modules():
         if isinstance(module, SparseLinear):
@@ -113,7 +113,3 @@ def sparsity_report(model: nn.Module, seq_len: int = 128) -> SparsityReport:
             kept += flops
     report.forward_flops_fraction = kept / dense if dense else 1.0
     return report
-
-
-def _is_score(p: torch.Tensor, structure: SparseStructure) -> bool:
-    return any(p is g.scores for g in structure.groups)

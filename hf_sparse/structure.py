@@ -1,9 +1,8 @@
 """Unit groups (the structure parameters of one MLP's neurons, one attention's heads or one layer's
 weights) and `SparseStructure`, the model-wide flat view used for sampling, the estimator and the budget.
 
-A group owns its keep probabilities `scores` (a Parameter that never requires grad: the trainer sets its
-gradient from the estimator, so no optimizer, DDP reducer or autograd ever touches it by accident) and
-the current 0/1 `mask`. The layers of the group read the kept indices from it.
+A group owns its keep probabilities `scores` and the current 0/1 `mask` (persistent buffers, so they are
+in every state dict and checkpoint). The layers of the group read the kept indices from it.
 """
 
 from __future__ import annotations
@@ -24,8 +23,12 @@ class UnitGroup(nn.Module):
         self.kind = kind
         self.num_units = num_units
         self.compute = compute
-        self.scores = nn.Parameter(torch.ones(num_units), requires_grad=False)
+        # A buffer, not a Parameter: no weight optimizer, DDP reducer, FSDP/ZeRO sharding or PEFT freezing
+        # ever touches it; the trainer's own Adam updates it from the estimator.
+        self.register_buffer("scores", torch.ones(num_units))
         self.register_buffer("mask", torch.ones(num_units))
+        # True once `hf_sparse.fix_masks` froze the mask: a state-dict entry, so it survives checkpoints.
+        self.register_buffer("fixed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("params_per_unit", torch.as_tensor(unit_cost, dtype=torch.float32).expand(num_units).clone(), persistent=False)
         # Attention modules whose reshape attributes follow the number of computed heads: (module, attr, width).
         self._head_attrs: list[tuple[nn.Module, str, int]] = []
@@ -43,8 +46,11 @@ class UnitGroup(nn.Module):
         self.mask.copy_(mask)
         self._refresh()
 
-    def _load_from_state_dict(self, *args, **kwargs):  # a loaded mask must refresh the kept indices
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # a loaded mask must refresh the kept indices
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "fixed" in missing_keys:  # a checkpoint from before the flag existed: not fixed
+            missing_keys.remove(prefix + "fixed")
         self._refresh()
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) moves the mask: recompute indices there

@@ -83,6 +83,9 @@ class SparseTrainer(Trainer):
         self._target_budget = (1.0 - self.sparse_config.sparsity) * self._total_budget
         self._params_per_unit = self.structure.params_per_unit()
         self._dense_matmul_params, self._prunable_params = _matmul_params(model, self.structure)
+        # A model whose mask was frozen by `fix_masks` (e.g. reloaded to train on) stays on that mask.
+        self._fixed_from_start = all(bool(g.fixed) for g in self.structure)
+        self._initial_mask = self.structure.masks().clone()
         self.structure_optimizer: torch.optim.Optimizer | None = None
         self._pending_structure_state: str | None = None
         self._reset_step_accumulators()
@@ -104,10 +107,14 @@ class SparseTrainer(Trainer):
 
     def is_fixed(self, step: int | None = None) -> bool:
         step = self.state.global_step if step is None else step
-        return self.args.fix_masks_at < 1.0 and step >= self._fraction_step(self.args.fix_masks_at)
+        return self._fixed_from_start or (
+            self.args.fix_masks_at < 1.0 and step >= self._fraction_step(self.args.fix_masks_at)
+        )
 
     def topk_mask(self) -> torch.Tensor:
-        """The deterministic mask: top-K scores filling the target budget."""
+        """The deterministic mask: top-K scores filling the target budget (or the mask frozen before training)."""
+        if self._fixed_from_start:
+            return self._initial_mask
         return topk_mask(self.structure.scores(), self._costs, self._target_budget)
 
     # --- the step -------------------------------------------------------------------------------------
@@ -133,6 +140,8 @@ class SparseTrainer(Trainer):
         if self.is_fixed(step):
             if self._step_mask_step != step:  # the fixed top-K mask; scores no longer move
                 self.structure.set_masks(self.topk_mask())
+                for g in self.structure:
+                    g.fixed.fill_(True)
                 self._step_mask_step = step
                 self._record_flops(self._forward_share(self.structure.masks()) * 3.0)
             return super().training_step(model, inputs, num_items_in_batch)

@@ -35,7 +35,7 @@ def main():
         "world": trainer.accelerator.num_processes,
         "scores": trainer.structure.scores().cpu(),
         "masks": trainer.structure.masks().cpu(),
-        "params": {n: p.detach().cpu() for n, p in trainer.model.named_parameters()},
+        "params": {n: p.detach().cpu() for n, p in trainer.model.state_dict().items()},
         "log_history": trainer.state.log_history,
     }
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
