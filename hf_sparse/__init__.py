@@ -4,6 +4,16 @@ from .architectures import ARCHITECTURES, ArchitectureSpec
 from .budget import cubic_budget, project_to_budget
 from .config import SparseConfig
 from .estimator import disarm_gradient, score_function, vrpge_gradient
+from .export import (
+    export_model,
+    fix_masks,
+    load_sparse_model,
+    masks_fixed,
+    merge_lora_sparse,
+    save_sparse_pretrained,
+    shrink_model,
+)
+from .hub import HubOfflineError, describe_hardware, push_sparse_to_hub, render_model_card, save_model_card
 from .layers import MaskedWeightLinear, SparseLinear
 from .patching import get_sparse_config, is_sparsified, sparsify_model, unit_magnitudes, unsparsify_model
 from .report import SparsityReport, sparsity_report
@@ -27,6 +37,7 @@ __all__ = sorted(
     [
         "ARCHITECTURES",
         "ArchitectureSpec",
+        "HubOfflineError",
         "MaskedWeightLinear",
         "SparseConfig",
         "SparseLinear",
@@ -36,12 +47,23 @@ __all__ = sorted(
         "SparsityReport",
         "UnitGroup",
         "cubic_budget",
+        "describe_hardware",
         "disarm_gradient",
+        "export_model",
+        "fix_masks",
         "get_sparse_config",
         "is_sparsified",
+        "load_sparse_model",
+        "masks_fixed",
+        "merge_lora_sparse",
         "project_to_budget",
+        "push_sparse_to_hub",
+        "render_model_card",
         "sample_masks",
+        "save_model_card",
+        "save_sparse_pretrained",
         "score_function",
+        "shrink_model",
         "sparsify_model",
         "sparsity_report",
         "topk_mask",
