@@ -123,7 +123,16 @@ def _build_block_groups(model, config, spec: BlockSpec, kind: str, geometry, can
 
 
 def _plan_block(block_name, block, members, spec, kind, geometry, config):
-    shapes = [(m, module, full, _weight_shape(module)) for m, module, full in members]
+    shapes = []
+    for m, module, full in members:
+        try:
+            shapes.append((m, module, full, _weight_shape(module)))
+        except TypeError as e:
+            where = "SparseConfig.architecture" if config.architecture is not None else "the architecture table"
+            raise TypeError(
+                f"{full} (member {m.path!r} of {kind} block {block_name!r}): {e}. Point {where} at the "
+                "projections' Linear/Conv1D layers (never embeddings, norms or heads)."
+            ) from None
     # number of units from the first out member: its rows are segments * units * width
     m0, _, full0, (out0, _) = shapes[0]
     width0 = geometry.width(m0.width) if kind == "head" else 1
