@@ -92,7 +92,7 @@ class ClassificationTrainingArguments(SparseTrainingArguments):
     logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})
     use_cpu: bool = field(
-        default_factory=lambda: not torch.cuda.is_available(),
+        default=not torch.cuda.is_available(),  # a plain default: HfArgumentParser ignores factories of bools
         metadata={"help": "Train on the CPU (default when no GPU; needed for CPU data parallel)."},
     )
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: every weight is used."})
