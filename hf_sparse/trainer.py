@@ -309,6 +309,29 @@ class SparseTrainer(Trainer):
         self._step_mask_step = -1
         return output
 
+    def push_to_hub(
+        self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+        revision: str | None = None, export: str = "plain", **card_kwargs,
+    ):
+        """Export the trained sparse model (`export`: "plain", "shrink" or "sparse"), render its model card
+        (sparsity per layer, these training arguments, `card_kwargs` such as eval_results or speed) and upload
+        both to `args.hub_model_id` (default: the output folder's name). Unlike `Trainer.push_to_hub` it
+        uploads the export, not the checkpoint folder. Offline it raises `HubOfflineError` naming the folder."""
+        from .export import fix_masks, masks_fixed
+        from .hub import push_sparse_to_hub
+
+        if not self.is_world_process_zero():
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        if not masks_fixed(model):
+            fix_masks(model)
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        card_kwargs.setdefault("training_args", self.args)
+        return push_sparse_to_hub(
+            model, repo_id, export=export, token=token or self.args.hub_token, private=self.args.hub_private_repo,
+            commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
+        )
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save and self.structure_optimizer is not None:

@@ -184,3 +184,27 @@ def test_non_finite_loss_skips_the_structure_update(tmp_path):
     skipped = [h["sparse/skipped_updates"] for h in trainer.state.log_history if "sparse/skipped_updates" in h]
     assert skipped[-1] == 1
     assert torch.isfinite(trainer.structure.scores()).all()
+
+
+def test_trainer_push_to_hub_uploads_export_and_card(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploaded.setdefault("repo", repo_id))
+
+    def fake_upload(self, repo_id, folder_path, **kw):
+        uploaded["files"] = sorted(os.listdir(folder_path))
+        uploaded["card"] = open(os.path.join(folder_path, "README.md")).read()
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload)
+    model = tiny_llama()
+    args = make_args(tmp_path, max_steps=8, hub_model_id="me/tiny-sparse")
+    trainer = SparseTrainer(model=model, args=args, sparse_config=SparseConfig(sparsity=0.5), train_dataset=arithmetic_sequences(64))
+    trainer.train()
+    assert trainer.push_to_hub(eval_results={"loss": 1.23}) == "commit"
+    assert uploaded["repo"] == "me/tiny-sparse"
+    assert uploaded["files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert "50.0%" in uploaded["card"] and "1.23" in uploaded["card"]
