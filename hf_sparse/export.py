@@ -112,7 +112,9 @@ def fix_masks(
             structure.set_masks(draw)
             value = float(score_fn(model))
             logger.info("hf_sparse.fix_masks: draw %d of %d: score %.6g", k + 1, num_draws, value)
-            if best is None or value > best_value:  # NaN never wins (it is not > anything)
+            if math.isnan(value):  # a diverged draw never wins
+                value = -math.inf
+            if best is None or value > best_value:
                 best, best_value = draw, value
         mask = best
     structure.set_masks(mask)
@@ -176,9 +178,9 @@ def _unit_rows(kept: torch.Tensor, width: int, segments: int, segment_size: int)
     return rows
 
 
-def _new_layer(transposed: bool, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """An uninitialised (meta) Linear / Conv1D of the given shape; its parameters are assigned after."""
-    with torch.device("meta"), warnings.catch_warnings():
+def _new_layer(transposed: bool, in_features: int, out_features: int, bias: bool, device="meta") -> nn.Module:
+    """A Linear / Conv1D of the given shape whose parameters are assigned after (on `device`, meta by default)."""
+    with torch.device(device), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         if not transposed:
             return nn.Linear(in_features, out_features, bias=bias)
@@ -211,7 +213,8 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), child
 
 
-def _head_counts(group: UnitGroup, kept_units: int, width_of_group: int, head_dim: int) -> dict[str, int]:
+def _head_counts(kept_units: int, width_of_group: int, head_dim: int) -> dict[str, int]:
+    """Head-count attributes an attention module may keep (set only where the module has them)."""
     query_heads = kept_units * (width_of_group // head_dim)
     return {"num_heads": query_heads, "num_attention_heads": query_heads, "num_key_value_heads": kept_units,
             "all_head_size": query_heads * head_dim}
@@ -249,7 +252,9 @@ def shrink_model(model: nn.Module) -> nn.Module:
     model_config = getattr(model, "config", None)
     if model_config is None:
         raise ValueError("shrink_model needs a Transformers model (with a .config to store the layer sizes in)")
-    shapes: dict[str, Any] = {"version": SHAPES_VERSION, "modules": {}, "attributes": {}, "no_heads": {}}
+    # a model shrunk before (and sparsified again) keeps the sizes of the layers this round leaves alone
+    shapes = copy.deepcopy(getattr(model_config, SHAPES_KEY, None)) or {}
+    shapes = {"version": SHAPES_VERSION, "modules": {}, "attributes": {}, "no_heads": {}, **shapes}
     plan = []  # compute everything first, then swap
     for group_name, group in zip(structure.names, structure.groups):
         kept = group.mask.nonzero().squeeze(1)
@@ -269,7 +274,7 @@ def shrink_model(model: nn.Module) -> nn.Module:
             attn = model.get_submodule(attn_name)
             head_dim = _head_dim(attn, model_config)
             group_width = max(l.width for _, l in out_layers)
-            for attr, value in _head_counts(group, int(kept.numel()), group_width, head_dim).items():
+            for attr, value in _head_counts(int(kept.numel()), group_width, head_dim).items():
                 if attr in vars(attn) and attr not in attrs[attn_name] and isinstance(vars(attn)[attr], int):
                     attrs[attn_name][attr] = value
             if kept.numel() == 0:
@@ -329,8 +334,8 @@ def _is_lora_member(model: nn.Module, name: str) -> bool:
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, Any]) -> nn.Module:
-    """Resize a freshly built dense model to the per-layer sizes of a shrunk export (in place; the new
-    layers' parameters are on the meta device until a state dict is assigned)."""
+    """Resize a freshly built dense model to the per-layer sizes of a shrunk export (in place; the new layers'
+    values are whatever their constructor gives until a state dict is loaded)."""
     if not isinstance(shapes, dict) or shapes.get("version") != SHAPES_VERSION:
         raise ValueError(
             f"config.{SHAPES_KEY} is malformed or of an unknown version (expected version {SHAPES_VERSION}): "
@@ -343,8 +348,9 @@ def apply_shapes(model: nn.Module, shapes: dict[str, Any]) -> nn.Module:
             if not (transposed or type(old) is nn.Linear):
                 raise ValueError(f"{name} is a {type(old).__name__}, expected nn.Linear or Conv1D")
             parent, child = _parent(model, name)
-            setattr(parent, child, _new_layer(transposed, int(size["in_features"]), int(size["out_features"]),
-                                              old.bias is not None))
+            new = _new_layer(transposed, int(size["in_features"]), int(size["out_features"]), old.bias is not None,
+                             device=old.weight.device)  # real tensors: the model may be sparsified before loading
+            setattr(parent, child, new.to(old.weight.dtype))
         for name, values in shapes["attributes"].items():
             module = model.get_submodule(name)
             for attr, value in values.items():
@@ -444,7 +450,8 @@ def _resolve_class(model_config, model_class):
         if cls is not None:
             return cls
     raise ValueError(
-        f"cannot tell which model class to build (config.architectures={getattr(model_config, 'architectures', None)}); "
+        "cannot tell which model class to build "
+        f"(config.architectures={getattr(model_config, 'architectures', None)}); "
         "pass model_class=, e.g. transformers.AutoModelForCausalLM or the concrete class"
     )
 
@@ -647,6 +654,8 @@ def load_sparse_model(
         sparse_config = SparseConfig.from_pretrained(directory)
         tensors, metadata = _read_weights(directory)
         model = _build(cls, model_config, kwargs)
+        if shapes is not None:  # a shrunk model sparsified again
+            apply_shapes(model, shapes)
         try:  # the scores are loaded below: skip computing an initial value from uninitialised weights
             sparsify_model(model, dataclasses.replace(sparse_config, score_init="ones"))
         except (ValueError, TypeError) as e:
@@ -696,7 +705,7 @@ def export_model(
     if not is_sparsified(model):
         raise ValueError("export_model needs a sparsified model (call hf_sparse.sparsify_model first)")
     if not masks_fixed(model):
-        logger.warning("hf_sparse.export_model: the mask is not fixed; exporting the current one (call fix_masks first)")
+        logger.warning("hf_sparse.export_model: the mask is not fixed; exporting the current one (call fix_masks)")
     if _contains_lora(model):
         raise ValueError("export_model: merge the LoRA adapters first with hf_sparse.merge_lora_sparse(model)")
     _check_target(os.path.abspath(os.fspath(save_directory)), overwrite)
@@ -728,7 +737,7 @@ def merge_lora_sparse(model: nn.Module, shrink: bool = False, adapter_names: lis
     if not masks_fixed(model):
         fix_masks(model)
     structure = SparseStructure(model)
-    saved = {_strip_peft(n): (g.mask.clone(), g.scores.detach().clone()) for n, g in zip(structure.names, structure.groups)}
+    saved = {_strip_peft(n): (g.mask.clone(), g.scores.clone()) for n, g in zip(structure.names, structure.groups)}
     unsparsify_model(model)
     merged = model.merge_and_unload(adapter_names=adapter_names, safe_merge=safe_merge)
     if not shrink:

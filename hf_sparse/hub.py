@@ -49,7 +49,9 @@ _KEY_TRAINING_ARGS = (
 )
 # Never shown: secrets and local paths.
 _HIDDEN_ARG = re.compile(r"(token|password|secret|_dir$|^output_dir$|^logging_dir$|^hub_|push_to_hub|report_to)")
-_GRANULARITY = {"neuron": "MLP neurons", "head": "attention heads (key/value groups under GQA)", "weight": "single weights"}
+_GRANULARITY = {
+    "neuron": "MLP neurons", "head": "attention heads (key/value groups under GQA)", "weight": "single weights",
+}
 
 
 class HubOfflineError(ConnectionError):
@@ -100,11 +102,16 @@ def _training_args_rows(training_args: Any) -> list[tuple[str, str]]:
     if dataclasses.is_dataclass(training_args) and not isinstance(training_args, type):
         values = training_args.to_dict() if hasattr(training_args, "to_dict") else dataclasses.asdict(training_args)
         defaults = _default_args(training_args)
-        chosen = {k: v for k, v in values.items() if k in _KEY_TRAINING_ARGS or k not in defaults or _differs(v, defaults[k])}
+        chosen = {
+            k: v for k, v in values.items()
+            if k in _KEY_TRAINING_ARGS or k not in defaults or _differs(v, defaults[k])
+        }
     elif isinstance(training_args, Mapping):
         chosen = dict(training_args)
     else:
-        raise TypeError(f"training_args must be TrainingArguments, a dataclass or a dict, got {type(training_args).__name__}")
+        raise TypeError(
+            f"training_args must be TrainingArguments, a dataclass or a dict, got {type(training_args).__name__}"
+        )
     rows = []
     for key in sorted(chosen):
         if _HIDDEN_ARG.search(key):

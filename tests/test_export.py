@@ -262,7 +262,8 @@ def test_sparse_checkpoint_round_trip_is_bit_identical_and_trains_on(tmp_path, a
     model = _sparse(arch, compute="gather")
     folder = hs.save_sparse_pretrained(model, tmp_path / "ckpt")
     assert sorted(os.listdir(folder)) == sorted(
-        ["config.json", "model.safetensors", "sparse_config.json"] + (["generation_config.json"] if arch != "bert" else [])
+        ["config.json", "model.safetensors", "sparse_config.json"]
+        + (["generation_config.json"] if arch != "bert" else [])
     )
     loaded = hs.load_sparse_model(folder, attn_implementation="eager")
     assert type(loaded) is type(model) and hs.masks_fixed(loaded)
@@ -274,7 +275,8 @@ def test_sparse_checkpoint_round_trip_is_bit_identical_and_trains_on(tmp_path, a
         assert torch.equal(a[k], b[k]), k
     # tied weights stay one tensor (BERT's decoder and GPT-2's lm_head share the input embeddings)
     out_emb, in_emb = loaded.get_output_embeddings(), loaded.get_input_embeddings()
-    assert (out_emb.weight is in_emb.weight) == (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (out_emb.weight is in_emb.weight) == tied
     torch.testing.assert_close(_logits(loaded, arch), _logits(model, arch), atol=0, rtol=0)
     # training continues exactly as it would have on the original
     losses_a, losses_b = _train_steps(model, arch), _train_steps(loaded, arch)
@@ -465,3 +467,40 @@ def test_lora_merge_bad_input():
         hs.merge_lora_sparse(plain)
     with pytest.raises(ValueError, match="merge the adapters first"):
         hs.shrink_model(_lora_model())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt"])
+@torch.no_grad()
+def test_shrunk_decoders_generate_like_the_sparse_model(exported, arch):
+    """Cached decoding through a layer with no head left (NoHeadsAttention feeds the cache empty keys)."""
+    e = exported[arch]
+    inputs = tiny_inputs(arch)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(e["shrunk"].generate(**inputs, **kwargs), e["model"].generate(**inputs, **kwargs))
+
+
+@torch.no_grad()
+def test_a_shrunk_model_sparsified_again_round_trips(tmp_path):
+    """Shrink at 50%, sparsify the shrunk model again (per-layer sizes differ), save/load, shrink again."""
+    model = tiny_model("llama")
+    hs.sparsify_model(model, hs.SparseConfig(sparsity=0.5))
+    structure = hs.SparseStructure(model)
+    structure.set_masks(torch.cat([torch.tensor([1.0, 1.0]) if n == 2 else (torch.arange(n) % 2 == 0).float()
+                                   for n in structure.sizes]))  # all heads, half the neurons
+    once = hs.shrink_model(model)
+    hs.sparsify_model(once, hs.SparseConfig(sparsity=0.3, granularity=["neuron"]))
+    second = hs.SparseStructure(once)
+    assert second.sizes == [32, 32]
+    second.set_scores(torch.rand(second.num_units, generator=torch.Generator().manual_seed(0)))
+    hs.fix_masks(once)
+    folder = hs.save_sparse_pretrained(once, tmp_path / "again")
+    loaded = hs.load_sparse_model(folder, attn_implementation="eager")
+    a, b = once.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected = _logits(once, "llama")
+    report = hs.sparsity_report(once)
+    twice = hs.shrink_model(once)
+    torch.testing.assert_close(_logits(twice, "llama"), expected, atol=ATOL, rtol=0)
+    assert sum(p.numel() for p in twice.parameters()) == report.total_params - report.prunable_params + report.prunable_params_kept
+    twice.save_pretrained(tmp_path / "twice")
+    torch.testing.assert_close(_logits(hs.load_sparse_model(tmp_path / "twice"), "llama"), expected, atol=ATOL, rtol=0)

@@ -50,7 +50,8 @@ def test_card_content_comes_from_the_model(tmp_path):
     assert f"{100 * report.forward_flops_fraction:.1f}% of the dense model's matmul FLOPs" in text
     for g in report.groups:
         owner = g.name.rpartition(".")[0]
-        assert re.search(rf"\| `{re.escape(owner)}` \| {g.kind} \| {g.kept} / {g.units} \| {g.params_kept:,} / {g.params:,} \|", text), g
+        row = rf"\| `{re.escape(owner)}` \| {g.kind} \| {g.kept} / {g.units} \| {g.params_kept:,} / {g.params:,} \|"
+        assert re.search(row, text), g
     assert "Target sparsity: 60.0%" in text and "MLP neurons" in text and "attention heads" in text
     assert "kept parameters" in text  # the budget
     # training arguments: the chosen values, never the token
@@ -160,7 +161,7 @@ def test_push_uploads_exactly_the_export_and_its_card(monkeypatch, caplog, capsy
         )
     assert info == "commit-info"
     (name1, repo1, kw1), (name2, repo2, kw2) = upload.calls
-    assert (name1, repo1, name2, repo2) == ("create_repo", "someone/tiny-sparse", "upload_folder", "someone/tiny-sparse")
+    assert (name1, name2) == ("create_repo", "upload_folder") and repo1 == repo2 == "someone/tiny-sparse"
     assert kw1["token"] == TOKEN and kw1["private"] is True and kw1["exist_ok"] is True
     assert kw2["token"] == TOKEN and export in kw2["commit_message"]
     assert upload.files == expected
@@ -208,7 +209,8 @@ def _http_client():
 
 @pytest.mark.parametrize("error", ["transport", "builtin"])
 def test_push_connection_error_says_so(monkeypatch, error):
-    fail = _http_client().ConnectError("Name or service not known") if error == "transport" else ConnectionRefusedError()
+    client = _http_client()
+    fail = client.ConnectError("Name or service not known") if error == "transport" else ConnectionRefusedError()
     upload = _Upload(monkeypatch, fail_with=fail)
     with pytest.raises(hs.HubOfflineError, match="connection failed") as info:
         hs.push_sparse_to_hub(_fixed("opt"), "someone/tiny-opt", token=TOKEN)
