@@ -30,6 +30,56 @@ def is_supported_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
 
 
+class _GatheredLinear(torch.autograd.Function):
+    """`F.linear` on the kept rows (`dim=0`, a producer: rows and bias entries `idx`) or the kept columns
+    (`dim=1`, a consumer) of a weight, with a backward written for the sparse case.
+
+    Autograd's own backward of `index_select` scatter-adds the small gradient into a full-size zero tensor
+    (`index_add_`/`scatter_add_`, slow on CPU for column gathers and a read-modify-write everywhere). Here the
+    kept block's gradient is computed by one small matmul and *copied* into place (`index_copy_`: the
+    indices are unique). Same math, same result; the dropped rows/columns get exact zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, dim, transposed):
+        w = weight.t() if transposed else weight  # [out, in] view
+        w_kept = w.index_select(dim, idx)
+        b = bias.index_select(0, idx) if bias is not None and dim == 0 else bias
+        ctx.save_for_backward(x, w_kept, idx)
+        ctx.dim, ctx.transposed = dim, transposed
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
+        return F.linear(x, w_kept, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w_kept, idx = ctx.saved_tensors
+        dtype = grad_out.dtype  # under autocast the forward ran in lower precision: follow grad_out's dtype
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(w_kept.to(dtype))
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_kept = g2.t().mm(x.reshape(-1, x.shape[-1]).to(dtype))  # [out or kept, kept or in]
+            grad_w = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+            (grad_w.t() if ctx.transposed else grad_w).index_copy_(ctx.dim, idx, grad_kept.to(ctx.weight_dtype))
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            shape, bias_dtype = ctx.bias_shape
+            summed = g2.sum(0).to(bias_dtype)
+            if ctx.dim == 0:
+                grad_b = torch.zeros(shape, dtype=bias_dtype, device=grad_out.device).index_copy_(0, idx, summed)
+            else:
+                grad_b = summed
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def gathered_linear(x, weight, bias, idx, dim: int, transposed: bool = False) -> torch.Tensor:
+    """`F.linear(x, W[idx], b[idx])` (dim 0) or `F.linear(x, W[:, idx], b)` (dim 1) where W is the weight in
+    [out, in] layout (`weight.t()` for a transposed, Conv1D-style weight)."""
+    return _GatheredLinear.apply(x, weight, bias, idx, dim, transposed)
+
+
 class _GroupRef:
     """Holds the group without registering it as a submodule (it is registered once, on its block)."""
 
@@ -116,12 +166,9 @@ class SparseLinear(nn.Module):
                 x = x * group.expanded_mask(self.width).to(x.dtype)
             return F.linear(x, w, self.bias)
         idx = group.index(self.width, self.segments, self.segment_size)
-        if self.role == "out":
-            bias = self.bias.index_select(0, idx) if self.bias is not None else None
-            return F.linear(x, w.index_select(0, idx), bias)
-        if group.none_kept:  # the one computed stand-in unit is dropped too
+        if self.role == "in" and group.none_kept:  # the one computed stand-in unit is dropped too
             x = x * 0
-        return F.linear(x, w.index_select(1, idx), self.bias)
+        return gathered_linear(x, self.weight, self.bias, idx, 0 if self.role == "out" else 1, self.transposed)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"

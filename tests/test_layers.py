@@ -287,3 +287,44 @@ def test_to_linear_zeroes_dropped_units():
         assert type(up) is nn.Linear and type(down) is nn.Linear
         torch.testing.assert_close(down(torch.tanh(up(x))), y, rtol=1e-6, atol=1e-6)
         assert torch.all(up.weight[2:4] == 0) and torch.all(up.bias[8:10] == 0) and torch.all(down.weight[:, 2:4] == 0)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gathered_linear_gradcheck(dim, transposed, bias):
+    from hf_sparse.layers import gathered_linear
+
+    gen = torch.Generator().manual_seed(0)
+    out_f, in_f = 6, 5
+    weight = torch.randn((in_f, out_f) if transposed else (out_f, in_f), generator=gen, dtype=torch.float64,
+                         requires_grad=True)
+    b = torch.randn(out_f, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    idx = torch.tensor([4, 1, 2]) if dim == 0 else torch.tensor([0, 3, 4])
+    x = torch.randn(2, 3, in_f if dim == 0 else 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    inputs = (x, weight, b) if bias else (x, weight)
+    fn = (lambda x, w, b: gathered_linear(x, w, b, idx, dim, transposed)) if bias else \
+        (lambda x, w: gathered_linear(x, w, None, idx, dim, transposed))
+    assert torch.autograd.gradcheck(fn, inputs)
+    # the same as autograd through index_select
+    w = weight.t() if transposed else weight
+    ref = F.linear(x, w.index_select(dim, idx), (b.index_select(0, idx) if dim == 0 else b) if bias else None)
+    torch.testing.assert_close(fn(*inputs), ref)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_gather_under_bf16_autocast(arch):
+    """Under autocast the gathered backward follows the lower-precision forward and still returns fp32
+    gradients for fp32 weights; gather and mask compute agree to bf16 precision."""
+    _, mg, mm, _, _ = _patched_pair(arch, seed=6)
+    outs = []
+    for model in (mg, mm):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**tiny_inputs(arch)).logits
+        out.float().pow(2).sum().backward()
+        outs.append(out.float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    for (name, pg), pm in zip(mg.named_parameters(), mm.parameters()):
+        assert pg.grad.dtype == torch.float32, name
+        assert (pg.grad - pm.grad).abs().max() <= 0.05 * pm.grad.abs().max() + 1e-6, name
+    _assert_dropped_grads_zero(mg)
