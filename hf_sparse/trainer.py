@@ -10,6 +10,7 @@ After `fix_masks_at`, the top-K mask is fixed and a step is a plain forward and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -147,35 +148,49 @@ class SparseTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
 
         a = self.args
+        groups, samples = a.mask_groups, a.mask_samples
         if self._step_mask_step != step:
-            # First micro-batch of this optimizer step: draw the masks, identical on every rank.
-            self._step_masks = sample_masks(
-                self.structure.scores(), a.mask_samples, a.seed, step, antithetic=a.estimator == "disarm"
+            # First micro-batch of this optimizer step: draw the masks, identical on every rank. Each chunk of
+            # the batch gets its own set (groups x samples): more structure samples for the same FLOPs.
+            flat = sample_masks(
+                self.structure.scores(), groups * samples, a.seed, step, antithetic=a.estimator == "disarm"
             )
-            self._step_losses = torch.zeros(a.mask_samples, dtype=torch.float64)
+            self._step_masks = flat.view(groups, samples, -1)
+            self._step_losses = torch.zeros(groups, samples, dtype=torch.float64)
             self._step_mask_step = step
-            shares = [self._forward_share(m) for m in self._step_masks]
-            backward = sum(shares[: a.weight_grad_samples]) * 2.0
-            self._record_flops(sum(shares) + backward)
+            shares = [[self._forward_share(m) for m in group] for group in self._step_masks]
+            self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
 
-        rng = _rng_state(self.args.device)
+        chunks = _split_batch(inputs, groups)
+        batch = _batch_size(inputs)
+        # A loss normalised by the number of items (num_items_in_batch) already splits over the chunks; a mean
+        # loss is weighted by the chunk's share of the batch.
+        per_item = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         total = 0.0
-        for k in range(a.mask_samples):
-            self.structure.set_masks(self._step_masks[k])
-            if k > 0:
-                _set_rng_state(rng, self.args.device)  # common random numbers: same dropout for every mask
-            if k < a.weight_grad_samples:
-                # the weight gradient is the mean over the backpropagated samples
-                self._loss_scale = 1.0 / a.weight_grad_samples
-                try:
-                    value = super().training_step(model, inputs, num_items_in_batch).detach().float() * a.weight_grad_samples
-                finally:
-                    self._loss_scale = 1.0
-                total = total + value / a.weight_grad_samples
-            else:
-                with torch.no_grad():
-                    value = self._forward_loss(model, inputs, num_items_in_batch)
-            self._step_losses[k] += float(value)
+        for g, chunk in enumerate(chunks):
+            share = 1.0 if per_item or batch is None else _batch_size(chunk) / batch
+            rng = _rng_state(self.args.device)
+            for k in range(samples):
+                self.structure.set_masks(self._step_masks[g, k])
+                if k > 0:
+                    _set_rng_state(rng, self.args.device)  # common random numbers: same dropout for every mask
+                if k < a.weight_grad_samples:
+                    # the weight gradient is the mean over the backpropagated samples, summed over the chunks
+                    scale = share / a.weight_grad_samples
+                    self._loss_scale = scale
+                    last = g == len(chunks) - 1
+                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+                    try:
+                        with sync:
+                            loss = super().training_step(model, chunk, num_items_in_batch).detach().float()
+                    finally:
+                        self._loss_scale = 1.0
+                    total = total + loss
+                    value = loss / scale
+                else:
+                    with torch.no_grad():
+                        value = self._forward_loss(model, chunk, num_items_in_batch)
+                self._step_losses[g, k] += float(value)
         if self.accelerator.sync_gradients:
             self._structure_step()
         return total
@@ -222,10 +237,11 @@ class SparseTrainer(Trainer):
                 logger.warning(f"SparseTrainer: non-finite loss {losses.tolist()} at step {step}; skipping this structure update")
                 self._warned_nonfinite = True
             delta = None
-        elif a.estimator == "disarm":
-            delta = disarm_gradient(losses, masks, scores, a.score_function)
         else:
-            delta = vrpge_gradient(losses, masks, scores, a.score_function)
+            estimate = disarm_gradient if a.estimator == "disarm" else vrpge_gradient
+            delta = torch.stack(
+                [estimate(losses[g], masks[g], scores, a.score_function) for g in range(masks.shape[0])]
+            ).mean(0)
         if delta is not None:
             for g, d in zip(self.structure.groups, self.structure.split(delta)):
                 g.scores.grad = d.to(g.scores.dtype).view_as(g.scores)
@@ -251,7 +267,7 @@ class SparseTrainer(Trainer):
         self._metrics.setdefault(name, []).append(float(value))
 
     def _log_structure(self, losses: torch.Tensor, scores: torch.Tensor, next_step: int):
-        self._add_metric("sparse/loss_diff", float(losses[0] - losses[1]))
+        self._add_metric("sparse/loss_diff", float((losses[:, 0] - losses[:, 1]).mean()))
         s = scores.double().clamp(1e-12, 1 - 1e-12)
         entropy = -(s * s.log() + (1 - s) * (1 - s).log())
         self._add_metric("sparse/mask_entropy", float(entropy.mean()))
@@ -363,6 +379,31 @@ class SparseTrainer(Trainer):
         self._sparse_state.update(state["sparse_state"])
         # the model weights file holds the scores too; this copy guards against a weights-only reload
         self.structure.set_scores(state["scores"].to(self.structure.device))
+
+
+def _batch_size(inputs) -> int | None:
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _split_batch(inputs: dict[str, Any], groups: int) -> list[dict[str, Any]]:
+    """`groups` chunks along the batch dimension (tensors whose first dimension is the batch size)."""
+    batch = _batch_size(inputs)
+    if groups == 1 or batch is None:
+        return [inputs]
+    if batch < groups:
+        raise ValueError(f"mask_groups={groups} needs at least that many examples per micro-batch, got {batch}")
+    chunks = [dict() for _ in range(groups)]
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            for chunk, part in zip(chunks, torch.tensor_split(value, groups)):
+                chunk[key] = part
+        else:
+            for chunk in chunks:
+                chunk[key] = value
+    return chunks
 
 
 def _matmul_params(model: nn.Module, structure: SparseStructure) -> tuple[float, float]:

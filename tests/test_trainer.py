@@ -98,7 +98,8 @@ def test_resume_continues_exactly(tmp_path, accumulation):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(weight_grad_samples=2), dict(score_function="exact"), dict(estimator="disarm"), dict(mask_samples=3)],
+    [dict(weight_grad_samples=2), dict(score_function="exact"), dict(estimator="disarm"), dict(mask_samples=3),
+     dict(mask_groups=4), dict(mask_groups=2, estimator="disarm", gradient_accumulation_steps=2)],
 )
 def test_variants_train(tmp_path, overrides):
     model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5, score_init="budget"))
@@ -127,7 +128,7 @@ def test_weight_grad_samples_two_averages_both_masks(tmp_path):
     trainer.add_callback(Grab())
     trainer.train()
     structure = hs.SparseStructure(model)
-    masks = trainer._step_masks
+    masks = trainer._step_masks[0]  # one mask group: [samples, units]
     batch = {k: torch.tensor(data[k]) for k in ("input_ids", "labels")}
     grads = []
     for m in masks:
@@ -159,6 +160,8 @@ def test_plain_training_arguments_are_converted(tmp_path):
         (dict(estimator="disarm", mask_samples=4), "mask_samples"),
         (dict(score_function="nope"), "score_function"),
         (dict(budget_schedule_end=1.5), "budget_schedule_end"),
+        (dict(mask_groups=0), "mask_groups"),
+        (dict(mask_groups=16, per_device_train_batch_size=8), "mask_groups"),
     ],
 )
 def test_nonsense_arguments_fail_at_construction(tmp_path, bad, field):
@@ -208,3 +211,41 @@ def test_trainer_push_to_hub_uploads_export_and_card(tmp_path, monkeypatch):
     assert uploaded["repo"] == "me/tiny-sparse"
     assert uploaded["files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert "50.0%" in uploaded["card"] and "1.23" in uploaded["card"]
+
+
+def test_mask_groups_give_each_chunk_its_own_masks(tmp_path):
+    """With mask_groups=2 the weight gradient is the share-weighted sum of each chunk's gradient under its
+    own first mask, and the structure sees 2 x 2 losses."""
+    model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5, score_init="budget"))
+    data = arithmetic_sequences(8)
+    args = make_args(tmp_path, max_steps=1, mask_groups=2, learning_rate=0.0, max_grad_norm=0.0)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=data)
+    seen = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen["grad"] = model.model.layers[1].self_attn.o_proj.weight.grad.clone()
+
+    trainer.add_callback(Grab())
+    chunks = []
+    original = trainer.compute_loss
+
+    def record(model_, inputs, *a, **k):
+        if torch.is_grad_enabled():
+            chunks.append(inputs["input_ids"].clone())
+        return original(model_, inputs, *a, **k)
+
+    trainer.compute_loss = record
+    trainer.train()
+    masks = trainer._step_masks
+    assert masks.shape[:2] == (2, 2) and trainer._step_losses.shape == (2, 2)
+    assert [c.shape[0] for c in chunks] == [4, 4]
+    assert not torch.equal(masks[0, 0], masks[1, 0])
+    structure = hs.SparseStructure(model)
+    model.zero_grad()
+    total_tokens = sum(c[:, 1:].numel() for c in chunks)
+    for g, ids in enumerate(chunks):
+        structure.set_masks(masks[g, 0])
+        # Llama takes num_items_in_batch: the chunk's summed token loss over the whole batch's token count
+        model(input_ids=ids, labels=ids, num_items_in_batch=total_tokens).loss.backward()
+    torch.testing.assert_close(seen["grad"], model.model.layers[1].self_attn.o_proj.weight.grad, atol=1e-6, rtol=1e-5)

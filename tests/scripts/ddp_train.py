@@ -22,7 +22,7 @@ def main():
     args = hs.SparseTrainingArguments(
         output_dir=out_dir, max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=3e-3, logging_steps=4, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        budget_schedule_end=0.5, fix_masks_at=0.75, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
+        budget_schedule_end=0.5, fix_masks_at=0.75, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
     )
     model = tiny_llama()
     trainer = hs.SparseTrainer(
