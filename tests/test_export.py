@@ -504,3 +504,16 @@ def test_a_shrunk_model_sparsified_again_round_trips(tmp_path):
     assert sum(p.numel() for p in twice.parameters()) == report.total_params - report.prunable_params + report.prunable_params_kept
     twice.save_pretrained(tmp_path / "twice")
     torch.testing.assert_close(_logits(hs.load_sparse_model(tmp_path / "twice"), "llama"), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "mistral", "qwen2"])
+def test_shrunk_export_of_the_other_families_under_mask_compute(tmp_path, arch):
+    """The families that share a layout (Qwen2 adds q/k/v biases), with the reference mask compute."""
+    model = _sparse(arch, compute="mask")
+    expected = _logits(model, arch)
+    report = hs.sparsity_report(model)
+    hs.export_model(model, tmp_path / "shrunk", export="shrink")
+    loaded = hs.load_sparse_model(tmp_path / "shrunk")
+    torch.testing.assert_close(_logits(loaded, arch), expected, atol=ATOL, rtol=0)
+    kept = report.total_params - report.prunable_params + report.prunable_params_kept
+    assert sum(p.numel() for p in loaded.parameters()) == kept
