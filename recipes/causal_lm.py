@@ -228,10 +228,10 @@ def main(argv=None):
                      "dense_ms": 1e3 * results["dense"]["step_seconds"], "sparse_ms": 1e3 * results["sparse"]["step_seconds"]}
         card_kwargs = dict(
             base_model=model_args.model_name_or_path, training_args=training_args,
-            eval_results={"validation perplexity": results["sparse"]["perplexity"]}, speed=speed, export=recipe.export,
+            eval_results={"validation perplexity": results["sparse"]["perplexity"]}, speed=speed,
             dataset=described, report=report,
         )
-        save_model_card(trainer.model, out_dir, **card_kwargs)
+        save_model_card(trainer.model, out_dir, export=recipe.export, **card_kwargs)
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print_table(results)

@@ -270,9 +270,9 @@ def main(argv=None):
         card_kwargs = dict(
             base_model=model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
             training_args=training_args, eval_results={f"test {recipe.metric}": results["sparse"][recipe.metric]},
-            speed=speed, export=recipe.export, dataset=described, report=report,
+            speed=speed, dataset=described, report=report,
         )
-        save_model_card(trainer.model, out_dir, **card_kwargs)
+        save_model_card(trainer.model, out_dir, export=recipe.export, **card_kwargs)
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print_table(results, recipe.metric)

@@ -87,3 +87,31 @@ def test_two_process_accelerate_launch_of_a_recipe(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 4 and abs(results["sparse"]["sparsity"] - 0.5) < 0.02
     assert "| hf_sparse |" in proc.stdout
+
+
+def test_recipe_push_to_hub_uploads_export_and_card(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploaded.setdefault("repo", repo_id))
+
+    def fake_upload(self, repo_id, folder_path, **kw):
+        uploaded["files"] = sorted(os.listdir(folder_path))
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload)
+    recipe = load_recipe("causal_lm")
+    argv = ["--output_dir", str(tmp_path), "--max_steps", "2", "--push_to_hub", "--hub_model_id", "me/tiny-clm",
+            "--export", "shrink", *TINY_LM]
+    import hf_sparse
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hf_sparse.HubOfflineError, match="hf upload me/tiny-clm"):  # offline: a clear way out
+        recipe.main(argv)
+    assert "repo" not in uploaded
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    recipe.main(argv)
+    assert uploaded["repo"] == "me/tiny-clm"
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(uploaded["files"])
