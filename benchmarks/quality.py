@@ -1107,6 +1107,8 @@ def parse_args(argv=None):
     p.add_argument("--estimator_pairs", type=int, default=None,
                    help="mask pairs per point and setting (default 16: 4 x 16 forwards; quick 4)")
     p.add_argument("--estimator_layer", type=int, default=3)
+    p.add_argument("--passage_words", type=int, default=None, help="classification: words per passage (default 40)")
+    p.add_argument("--max_length", type=int, default=None, help="classification: tokens per passage (default 80)")
     p.add_argument("--max_train_samples", type=int, default=None, help="truncate both training sets")
     p.add_argument("--max_eval_samples", type=int, default=None, help="truncate both evaluation sets")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -1123,6 +1125,10 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     settings = quick_settings() if a.quick else Settings()
+    if a.passage_words:
+        settings.cls_passage_words = a.passage_words
+    if a.max_length:
+        settings.cls_max_length = a.max_length
     if a.max_train_samples:
         settings.cls_max_train = settings.lm_max_train = a.max_train_samples
     if a.max_eval_samples:
