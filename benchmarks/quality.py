@@ -85,9 +85,9 @@ CACHE_VERSION = 1
 # budget falls along the cubic schedule; from scratch they start at the kept fraction under a constant budget.
 HF_SPARSE_DEFAULTS = {
     "cls": {"structure_learning_rate": 0.1, "budget_schedule_start": 0.0, "budget_schedule_end": 0.5,
-            "fix_masks_at": 0.8, "estimator": "vrpge", "score_init": "ones"},
+            "fix_masks_at": 0.8, "estimator": "disarm", "mask_groups": 4, "score_init": "ones"},
     "lm": {"structure_learning_rate": 0.1, "budget_schedule_start": 0.0, "budget_schedule_end": 0.0,
-           "fix_masks_at": 0.8, "estimator": "vrpge", "score_init": "budget"},
+           "fix_masks_at": 0.8, "estimator": "disarm", "mask_groups": 4, "score_init": "budget"},
 }
 BASELINE_DEFAULTS = {"budget_schedule_start": 0.0, "budget_schedule_end": 0.5, "fix_masks_at": 0.8,
                      "movement_score_lr": 1e-2, "magnitude_every": 1}
@@ -1177,8 +1177,9 @@ def main(argv=None) -> dict:
             ("defaults of this study", {}),
             ("weight_grad_samples=2", {"weight_grad_samples": 2, "mask_samples": max(2, base.get("mask_samples", 2))}),
             ("budget=units", {"budget": "units"}),
+            ("plain VR-PGE (estimator=vrpge, mask_groups=1)", {"estimator": "vrpge", "mask_groups": 1}),
+            ("score_init=magnitude", {"score_init": "magnitude"}),
             ("schedule end 0.25, fix 0.7", {"budget_schedule_end": 0.25, "fix_masks_at": 0.7}),
-            ("schedule end 0.5, fix 0.8", {"budget_schedule_end": 0.5, "fix_masks_at": 0.8}),
             ("schedule end 0.75, fix 0.9", {"budget_schedule_end": 0.75, "fix_masks_at": 0.9}),
         ]
     ablation_specs = [RunSpec("cls", "hf_sparse", 0.5, seeds[0], steps["cls"], {**hf_args["cls"], **ov}, "ablation")

