@@ -23,23 +23,20 @@ Writes `model/` (export + card + tokenizer) and `results.json` under --output_di
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, LlamaConfig, LlamaForCausalLM,
-                          Trainer, default_data_collator, set_seed)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer,
+                          default_data_collator, set_seed)
 
 import hf_sparse
 from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
-from hf_sparse.export import export_model, fix_masks
-from hf_sparse.hub import describe_hardware, push_sparse_to_hub, save_model_card
+from hf_sparse.hub import describe_hardware
+from hf_sparse.recipe_utils import RecipeArguments, finish_run, parse_args, run_summary, timed_train
 
 logger = logging.getLogger("causal_lm")
 
@@ -75,12 +72,6 @@ class DataArguments:
 
 
 @dataclass
-class RecipeArguments:
-    compare_dense: bool = field(default=False, metadata={"help": "Also train the dense model with the same steps and compare."})
-    export: str = field(default="plain", metadata={"help": "plain (loads anywhere), shrink (smaller, faster) or sparse (trainable)."})
-
-
-@dataclass
 class CausalLMTrainingArguments(SparseTrainingArguments):
     """SparseTrainingArguments with this recipe's defaults (a few minutes on 2 CPU cores)."""
 
@@ -98,16 +89,6 @@ class CausalLMTrainingArguments(SparseTrainingArguments):
         metadata={"help": "Train on the CPU (default when no GPU; needed for CPU data parallel)."},
     )
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: every weight is used."})
-
-
-def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, CausalLMTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def load_text(data_args: DataArguments):
@@ -137,11 +118,11 @@ def load_text(data_args: DataArguments):
 
 
 def main(argv=None):
-    model_args, data_args, recipe, training_args = parse_args(argv)
+    model_args, data_args, recipe, training_args = parse_args(
+        (ModelArguments, DataArguments, RecipeArguments, CausalLMTrainingArguments), argv
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    if recipe.export not in ("plain", "shrink", "sparse"):
-        raise SystemExit(f"--export must be plain, shrink or sparse, got {recipe.export!r}")
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the export ourselves, at the end
     set_seed(training_args.seed)
     from hf_sparse import data as embedded
@@ -189,68 +170,37 @@ def main(argv=None):
         compute=model_args.compute, score_init=score_init,
     )
 
-    def run(trainer_cls, model, args, **kw):
-        trainer = trainer_cls(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
-                              processing_class=tokenizer, data_collator=default_data_collator, **kw)
-        start = time.perf_counter()
-        out = trainer.train()
-        seconds = time.perf_counter() - start
-        metrics = trainer.evaluate()
-        return trainer, out, metrics, seconds
+    def make_trainer(trainer_cls, model, args, **kw):
+        return trainer_cls(model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
+                           processing_class=tokenizer, data_collator=default_data_collator, **kw)
 
-    trainer, out, metrics, seconds = run(SparseTrainer, fresh_model(), training_args, sparse_config=sparse_config)
-    fix_masks(trainer.model)
+    trainer = make_trainer(SparseTrainer, fresh_model(), training_args, sparse_config=sparse_config)
+    out, metrics, seconds = timed_train(trainer)
+    hf_sparse.fix_masks(trainer.model)
     report = hf_sparse.sparsity_report(trainer.model, seq_len=data_args.block_size)
+    sparse = run_summary(metrics, seconds, out.global_step, "perplexity", math.exp(metrics["eval_loss"]))
+    sparse.update(sparsity=report.sparsity, forward_flops_vs_dense=report.forward_flops_fraction)
     results = {
         "task": described, "model": model_args.model_name_or_path or "Llama from scratch", "steps": out.global_step,
-        "sparse": {
-            "perplexity": math.exp(metrics["eval_loss"]), "eval_loss": metrics["eval_loss"], "sparsity": report.sparsity,
-            "forward_flops_vs_dense": report.forward_flops_fraction, "train_seconds": seconds,
-            "step_seconds": seconds / max(out.global_step, 1),
-        },
-        "sparse_config": sparse_config.to_dict(), "hardware": describe_hardware(),
+        "sparse": sparse, "sparse_config": sparse_config.to_dict(), "hardware": describe_hardware(),
     }
     if recipe.compare_dense:
         dense_args = CausalLMTrainingArguments(**{**training_args.to_dict(), "hub_token": None,
                                                   "output_dir": os.path.join(training_args.output_dir, "dense")})
-        _, dense_out, dense_metrics, dense_seconds = run(Trainer, fresh_model(), dense_args)
-        results["dense"] = {"perplexity": math.exp(dense_metrics["eval_loss"]), "eval_loss": dense_metrics["eval_loss"],
-                            "train_seconds": dense_seconds, "step_seconds": dense_seconds / max(dense_out.global_step, 1)}
+        dense_out, dense_metrics, dense_seconds = timed_train(make_trainer(Trainer, fresh_model(), dense_args))
+        results["dense"] = run_summary(dense_metrics, dense_seconds, dense_out.global_step, "perplexity",
+                                       math.exp(dense_metrics["eval_loss"]))
         results["speedup_vs_dense"] = dense_seconds / seconds
 
-    if training_args.should_save:
-        out_dir = os.path.join(training_args.output_dir, "model")
-        export_model(trainer.model, out_dir, export=recipe.export, overwrite=True)
-        tokenizer.save_pretrained(out_dir)
-        speed = None
-        if recipe.compare_dense:
-            speed = {"setting": f"training step, batch {training_args.per_device_train_batch_size} x {data_args.block_size} tokens",
-                     "dense_ms": 1e3 * results["dense"]["step_seconds"], "sparse_ms": 1e3 * results["sparse"]["step_seconds"]}
-        card_kwargs = dict(
-            base_model=model_args.model_name_or_path, training_args=training_args,
-            eval_results={"validation perplexity": results["sparse"]["perplexity"]}, speed=speed,
-            dataset=described, report=report,
-        )
-        save_model_card(trainer.model, out_dir, export=recipe.export, **card_kwargs)
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print_table(results)
-        print(f"\nwrote {out_dir} (export={recipe.export}, card README.md) and {os.path.join(training_args.output_dir, 'results.json')}")
-        if push:
-            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-            push_sparse_to_hub(trainer.model, repo_id, export=recipe.export, token=training_args.hub_token,
-                               private=training_args.hub_private_repo, tokenizer=tokenizer, **card_kwargs)
+    card_kwargs = dict(
+        base_model=model_args.model_name_or_path, eval_results={"validation perplexity": sparse["perplexity"]},
+        dataset=described, report=report,
+    )
+    finish_run(trainer, tokenizer, training_args, recipe, results, "perplexity", card_kwargs,
+               f"training step, batch {training_args.per_device_train_batch_size} x {data_args.block_size} tokens",
+               push)
     trainer.accelerator.end_training()
     return results
-
-
-def print_table(results: dict) -> None:
-    rows = [("hf_sparse", results["sparse"])] + ([("dense", results["dense"])] if "dense" in results else [])
-    print("\n| model | validation perplexity | sparsity | train time (s) | step (s) | speed-up vs dense |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows:
-        speed = f"{results['speedup_vs_dense']:.2f}x" if name == "hf_sparse" and "speedup_vs_dense" in results else ""
-        print(f"| {name} | {r['perplexity']:.2f} | {r.get('sparsity', 0.0):.3f} | {r['train_seconds']:.0f} | {r['step_seconds']:.3f} | {speed} |")
 
 
 if __name__ == "__main__":

