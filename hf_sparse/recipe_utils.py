@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from transformers import HfArgumentParser
 
 from .export import export_model, fix_masks
 from .hub import push_sparse_to_hub, save_model_card
 from .report import sparsity_report
+from .training_args import SparseTrainingArguments
 
 EXPORTS = ("plain", "shrink", "sparse")
 
@@ -28,6 +30,18 @@ class RecipeArguments:
     def __post_init__(self):
         if self.export not in EXPORTS:
             raise ValueError(f"--export must be one of {EXPORTS}, got {self.export!r}")
+
+
+@dataclass
+class RecipeTrainingArguments(SparseTrainingArguments):
+    """The defaults every recipe shares; each recipe subclasses it with its own steps and learning rate."""
+
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})
+    use_cpu: bool = field(
+        default=not torch.cuda.is_available(),  # a plain default: HfArgumentParser ignores factories of bools
+        metadata={"help": "Train on the CPU (default when no GPU; needed for CPU data parallel)."},
+    )
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: every weight is used."})
 
 
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None):

@@ -28,15 +28,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import torch
 import transformers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer,
                           default_data_collator, set_seed)
 
 import hf_sparse
-from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
+from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.hub import describe_hardware
-from hf_sparse.recipe_utils import RecipeArguments, finish_run, parse_args, run_summary, timed_train
+from hf_sparse.recipe_utils import RecipeArguments, RecipeTrainingArguments, finish_run, parse_args, run_summary, timed_train
 
 logger = logging.getLogger("causal_lm")
 
@@ -72,7 +71,7 @@ class DataArguments:
 
 
 @dataclass
-class CausalLMTrainingArguments(SparseTrainingArguments):
+class CausalLMTrainingArguments(RecipeTrainingArguments):
     """SparseTrainingArguments with this recipe's defaults (a few minutes on 2 CPU cores)."""
 
     output_dir: str | None = field(default="outputs/causal_lm", metadata={"help": "Where everything is written."})
@@ -83,12 +82,6 @@ class CausalLMTrainingArguments(SparseTrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1: a fraction of training)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=25, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})
-    use_cpu: bool = field(
-        default=not torch.cuda.is_available(),  # a plain default: HfArgumentParser ignores factories of bools
-        metadata={"help": "Train on the CPU (default when no GPU; needed for CPU data parallel)."},
-    )
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: every weight is used."})
 
 
 def load_text(data_args: DataArguments):

@@ -27,14 +27,13 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
 
 import hf_sparse
-from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
+from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.hub import describe_hardware
-from hf_sparse.recipe_utils import RecipeArguments, finish_run, parse_args, run_summary, timed_train
+from hf_sparse.recipe_utils import RecipeArguments, RecipeTrainingArguments, finish_run, parse_args, run_summary, timed_train
 
 logger = logging.getLogger("text_classification")
 
@@ -70,7 +69,7 @@ class DataArguments:
 
 
 @dataclass
-class ClassificationTrainingArguments(SparseTrainingArguments):
+class ClassificationTrainingArguments(RecipeTrainingArguments):
     """SparseTrainingArguments with this recipe's defaults (a ~10 minute run on 2 CPU cores)."""
 
     output_dir: str | None = field(default="outputs/text_classification", metadata={"help": "Where everything is written."})
@@ -80,12 +79,6 @@ class ClassificationTrainingArguments(SparseTrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up steps (a float < 1: a fraction of training)."})
     logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (no, steps, epoch)."})
-    use_cpu: bool = field(
-        default=not torch.cuda.is_available(),  # a plain default: HfArgumentParser ignores factories of bools
-        metadata={"help": "Train on the CPU (default when no GPU; needed for CPU data parallel)."},
-    )
-    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP: every weight is used."})
 
 
 def default_model_path() -> str:
