@@ -196,7 +196,6 @@ def _build_weight_groups(model, config, spec, candidates):
             raise TypeError(f"{name}: hf_sparse cannot sparsify a {type(base).__name__}; supported: {SUPPORTED_LAYER_TYPES}")
         group = UnitGroup("weight", base.weight.numel(), 1.0, compute="mask")
         group.to(device=base.weight.device)
-        group.scores.data = group.scores.data.view(-1)
         parent_path, _, child = name.rpartition(".")
         parent = _get(model, parent_path)
         if _lora_parts(module) is not None:

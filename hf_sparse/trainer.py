@@ -24,7 +24,7 @@ from transformers.utils import logging
 from .budget import cubic_budget, project_to_budget
 from .config import SparseConfig
 from .estimator import disarm_gradient, vrpge_gradient
-from .layers import SparseLinear
+from .layers import SparseLinear, is_supported_linear
 from .patching import get_sparse_config, is_sparsified, sparsify_model
 from .structure import SparseStructure, sample_masks, topk_mask
 from .training_args import SparseTrainingArguments
@@ -408,8 +408,6 @@ def _split_batch(inputs: dict[str, Any], groups: int) -> list[dict[str, Any]]:
 
 def _matmul_params(model: nn.Module, structure: SparseStructure) -> tuple[float, float]:
     """(all matmul weights of the model, the prunable ones): the FLOPs proxy of the logs."""
-    from .layers import is_supported_linear
-
     total = 0.0
     for m in model.modules():
         if isinstance(m, SparseLinear) or is_supported_linear(m):
