@@ -24,6 +24,7 @@ from transformers.utils import logging
 from .budget import cubic_budget, project_to_budget
 from .config import SparseConfig
 from .estimator import disarm_gradient, vrpge_gradient
+from .importance import TaylorImportance, scores_from_importance
 from .layers import SparseLinear, is_supported_linear
 from .patching import get_sparse_config, is_sparsified, sparsify_model
 from .structure import SparseStructure, sample_masks, topk_mask
@@ -94,6 +95,10 @@ class SparseTrainer(Trainer):
         self._sparse_state = {"skipped_updates": 0, "flops_ratio_sum": 0.0, "steps": 0}
         self._warned_nonfinite = False
         self._loss_scale = 1.0
+        # the informed start (importance_warmup): dense steps that accumulate each unit's Taylor importance
+        self._importance: TaylorImportance | None = None
+        if args.importance_warmup > 0 and not self._fixed_from_start:
+            self._importance = TaylorImportance(model, self.structure)
 
     # --- schedule -------------------------------------------------------------------------------------
     def _fraction_step(self, fraction: float) -> int:
@@ -105,6 +110,10 @@ class SparseTrainer(Trainer):
             step, self._total_budget, self._target_budget,
             self._fraction_step(a.budget_schedule_start), self._fraction_step(a.budget_schedule_end),
         )
+
+    def in_importance_warmup(self, step: int | None = None) -> bool:
+        step = self.state.global_step if step is None else step
+        return self._importance is not None and step < self._fraction_step(self.args.importance_warmup)
 
     def is_fixed(self, step: int | None = None) -> bool:
         step = self.state.global_step if step is None else step
@@ -146,6 +155,8 @@ class SparseTrainer(Trainer):
                 self._step_mask_step = step
                 self._record_flops(self._forward_share(self.structure.masks()) * 3.0)
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.in_importance_warmup(step):
+            return self._importance_step(model, inputs, num_items_in_batch)
 
         a = self.args
         groups, samples = a.mask_groups, a.mask_samples
@@ -194,6 +205,36 @@ class SparseTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._structure_step()
         return total
+
+    def _importance_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
+        """A dense step (every unit kept) whose backward also records each unit's gate derivative."""
+        step = self.state.global_step
+        if self._step_mask_step != step:
+            self.structure.set_masks(torch.ones(self.structure.num_units))
+            self._step_mask_step = step
+            self._record_flops(3.0)
+        with self._importance.track():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._importance.end_step()
+            if not self.in_importance_warmup(step + 1):
+                self._informed_start(step + 1)
+        return loss
+
+    @torch.no_grad()
+    def _informed_start(self, step: int) -> None:
+        """Scores from the accumulated importance (identical on every rank), projected onto the step's budget."""
+        importance = self._importance.flat().to(self.args.device, torch.float32)
+        if self.accelerator.num_processes > 1:
+            importance = self.accelerator.reduce(importance, reduction="mean")
+        scores = scores_from_importance(importance.to(self.structure.device), self._costs, self.budget_at(step),
+                                        band=self.args.importance_band)
+        self.structure.set_scores(scores)
+        logger.info(
+            f"SparseTrainer: informed start after {self._importance.steps} dense steps: "
+            f"{float((scores >= 1).float().mean()):.1%} of units start kept, {float((scores <= 0).float().mean()):.1%} "
+            f"dropped, the rest uncertain"
+        )
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # scaled only while several masks share one weight gradient (weight_grad_samples > 1)
@@ -292,7 +333,9 @@ class SparseTrainer(Trainer):
 
     # --- evaluation -----------------------------------------------------------------------------------
     def _set_eval_mask(self):
-        if self.is_fixed() or self.args.eval_mask == "topk":
+        if self.in_importance_warmup() and not self.is_fixed():
+            mask = torch.ones(self.structure.num_units)  # no structure yet: the dense model is what trains
+        elif self.is_fixed() or self.args.eval_mask == "topk":
             mask = self.topk_mask()
         elif self.args.eval_mask == "dense":
             mask = torch.ones(self.structure.num_units)
@@ -359,6 +402,7 @@ class SparseTrainer(Trainer):
                     "structure_optimizer": self.structure_optimizer.state_dict(),
                     "sparse_state": dict(self._sparse_state),
                     "scores": self.structure.scores().cpu(),
+                    "importance": self._importance.state_dict() if self._importance is not None else None,
                     "sparse_config": self.sparse_config.to_dict(),
                 },
                 os.path.join(folder, STRUCTURE_STATE_NAME),
@@ -379,6 +423,8 @@ class SparseTrainer(Trainer):
         self._sparse_state.update(state["sparse_state"])
         # the model weights file holds the scores too; this copy guards against a weights-only reload
         self.structure.set_scores(state["scores"].to(self.structure.device))
+        if self._importance is not None and state.get("importance") is not None:
+            self._importance.load_state_dict(state["importance"])
 
 
 def _batch_size(inputs) -> int | None:

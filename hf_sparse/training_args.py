@@ -89,6 +89,18 @@ class SparseTrainingArguments(TrainingArguments):
         default=0.8,
         metadata={"help": "Fraction of training after which the top-K mask is fixed (weights-only phase). 1.0: never."},
     )
+    importance_warmup: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training run dense at the start while each unit's first-order (Taylor) "
+                          "importance is accumulated from the ordinary backward; at its end the keep probabilities "
+                          "start from that importance, projected onto the budget, and the search refines them. "
+                          "0: off (scores start as SparseConfig.score_init says)."},
+    )
+    importance_band: float = field(
+        default=0.25,
+        metadata={"help": "With importance_warmup: the share of the total cost left uncertain (0 < p < 1) around "
+                          "the budget's edge at the informed start; the rest starts kept (p=1) or dropped (p=0)."},
+    )
     projection: str = field(
         default="weighted", metadata={"help": "Budget projection metric.", "choices": list(PROJECTIONS)}
     )
@@ -132,7 +144,18 @@ class SparseTrainingArguments(TrainingArguments):
                 f"budget_schedule_end={self.budget_schedule_end} is before budget_schedule_start="
                 f"{self.budget_schedule_start}; the schedule must end after it starts"
             )
-        if self.fix_masks_at < self.budget_schedule_end:
+        if not 0.0 <= self.importance_warmup < 1.0:
+            raise ValueError(f"importance_warmup is a fraction of training in [0, 1), got {self.importance_warmup}")
+        if not 0.0 < self.importance_band <= 1.0:
+            raise ValueError(f"importance_band must be in (0, 1], got {self.importance_band}")
+        if self.importance_warmup > 0 and self.budget_schedule_end > self.importance_warmup:
+            raise ValueError(
+                f"importance_warmup={self.importance_warmup} with budget_schedule_end={self.budget_schedule_end}: the "
+                "informed start is projected onto the budget at the end of the warm-up, so the budget must have "
+                "reached its target by then; set budget_schedule_start and budget_schedule_end <= importance_warmup "
+                f"(e.g. --budget_schedule_start {self.importance_warmup} --budget_schedule_end {self.importance_warmup})"
+            )
+        if self.fix_masks_at < max(self.budget_schedule_end, self.importance_warmup):
             raise ValueError(
                 f"fix_masks_at={self.fix_masks_at} is before budget_schedule_end={self.budget_schedule_end}: the mask "
                 "would be fixed before the budget reaches the target; set fix_masks_at >= budget_schedule_end"

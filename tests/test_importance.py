@@ -1,0 +1,111 @@
+"""The informed start: Taylor importance of every unit and the keep probabilities built from it."""
+
+import pytest
+import torch
+
+import hf_sparse as hs
+from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
+from hf_sparse.importance import TaylorImportance, scores_from_importance
+from hf_sparse.layers import SparseLinear
+from trainer_helpers import arithmetic_sequences, tiny_llama
+
+
+def _gate_gradients(model, batch):
+    """d loss / d gate for a gate of 1 on every unit, by autograd through explicit gates at the consumers."""
+    structure = hs.SparseStructure(model)
+    gates = {id(g): torch.ones(g.num_units, requires_grad=True) for g in structure}
+    handles = []
+    for layer in model.modules():
+        if isinstance(layer, SparseLinear) and layer.role == "in":
+            def pre(mod, args, gate=gates[id(layer.group)], width=layer.width):
+                return (args[0] * gate.repeat_interleave(width),)
+            handles.append(layer.register_forward_pre_hook(pre))
+    loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, [gates[id(g)] for g in structure])
+    for h in handles:
+        h.remove()
+    return torch.cat(grads).double()
+
+
+def test_taylor_importance_is_the_squared_gate_derivative_averaged_over_steps():
+    model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5))  # heads (GQA groups) and neurons
+    data = arithmetic_sequences(16)
+    batches = [{k: torch.tensor(data[i * 8:(i + 1) * 8][k]) for k in ("input_ids", "labels")} for i in range(2)]
+    expected = torch.stack([_gate_gradients(model, b) ** 2 for b in batches]).mean(0)
+
+    imp = TaylorImportance(model)
+    for b in batches:
+        model.zero_grad()
+        with imp.track():
+            model(**b).loss.backward()
+        imp.end_step()
+    got = imp.flat()
+    assert imp.steps == 2
+    assert got.shape == (hs.SparseStructure(model).num_units,)
+    assert bool((expected > 0).all())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+    # hooks are gone after the block: a further backward adds nothing
+    model(**batches[0]).loss.backward()
+    imp.end_step()
+    torch.testing.assert_close(imp.flat() * 3 / 2, expected, rtol=1e-4, atol=0)
+
+
+def test_scores_from_importance_fill_the_budget_in_importance_order():
+    torch.manual_seed(0)
+    n = 200
+    costs = torch.where(torch.arange(n) < 20, torch.tensor(16.0), torch.tensor(1.0))  # "heads" and "neurons"
+    importance = torch.rand(n) * costs  # per unit of cost: uniform
+    budget = 0.5 * float(costs.sum())
+    for band in (0.1, 0.25, 1.0):
+        s = scores_from_importance(importance, costs, budget, band=band)
+        assert float((s * costs).sum()) == pytest.approx(budget, rel=1e-4)
+        ratio = importance / costs
+        order = torch.argsort(ratio)
+        assert bool((s[order][1:] >= s[order][:-1] - 1e-6).all())  # monotone in importance per cost
+        uncertain = float((costs * ((s > 0) & (s < 1))).sum() / costs.sum())
+        assert uncertain <= band + 16 / float(costs.sum()) + 1e-6
+    s = scores_from_importance(importance, costs, budget, band=0.25)
+    assert float(s[torch.argmax(importance / costs)]) == 1.0 and float(s[torch.argmin(importance / costs)]) == 0.0
+    with pytest.raises(ValueError, match="band"):
+        scores_from_importance(importance, costs, budget, band=0.0)
+
+
+def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path):
+    model = tiny_llama()
+    args = SparseTrainingArguments(
+        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
+        disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0, logging_steps=5,
+        importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25, fix_masks_at=0.8,
+    )
+    seen = {}
+
+    class Spy(SparseTrainer):
+        def _informed_start(self, step):
+            seen["masks_before"] = self.structure.masks().clone()
+            seen["step"] = step
+            seen["importance"] = self._importance.flat().clone()
+            super()._informed_start(step)
+            seen["scores"] = self.structure.scores().clone()
+
+    trainer = Spy(model=model, args=args, sparse_config=SparseConfig(sparsity=0.5), train_dataset=arithmetic_sequences(160))
+    trainer.train()
+    assert seen["step"] == 5 and trainer._importance.steps == 5
+    assert bool((seen["masks_before"] == 1).all())  # the warm-up computed every unit
+    costs = trainer.structure.costs("params")
+    expected = scores_from_importance(seen["importance"].float(), costs, trainer._target_budget, band=0.25)
+    torch.testing.assert_close(seen["scores"], expected)
+    assert float((seen["scores"] * costs).sum()) == pytest.approx(trainer._target_budget, rel=1e-4)
+    assert abs(hs.sparsity_report(model).sparsity_topk - 0.5) <= 0.02
+    logs = [h for h in trainer.state.log_history if "sparse/train_flops_vs_dense" in h]
+    assert logs[0]["sparse/train_flops_vs_dense"] == pytest.approx(1.0)  # the first 5 steps were dense
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [(dict(importance_warmup=1.0), "importance_warmup"), (dict(importance_warmup=-0.1), "importance_warmup"),
+     (dict(importance_band=0.0), "importance_band"),
+     (dict(importance_warmup=0.1, budget_schedule_end=0.5), "budget_schedule_end")],
+)
+def test_importance_arguments_are_checked(tmp_path, bad, field):
+    with pytest.raises(ValueError, match=field):
+        SparseTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **bad)
