@@ -95,10 +95,17 @@ class TaylorImportance:
 
 
 def scores_from_importance(
-    importance: torch.Tensor, costs: torch.Tensor, budget: float, band: float = 0.25
+    importance: torch.Tensor, costs: torch.Tensor, budget: float, band: float = 0.25,
+    group_sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """Keep probabilities from an importance per unit: ranked by importance per unit of cost (a knapsack's
     greedy order), laid on a ramp over the cumulated cost, then projected onto `budget`.
+
+    With `group_sizes` (the units of each group, in flat order) units are ranked within their own group: every
+    group then starts at about the budget's kept fraction and the importance only chooses which of its units
+    stay. Why: squared gate derivatives differ by orders of magnitude between layers (early layers' units
+    dominate), and one global ranking empties whole layers (measured: the last MLP of the small Llama kept 40 of
+    344 neurons), which trains worse than a random choice. The search can still move budget between groups.
 
     The result keeps the most important units with probability 1, drops the least important with
     probability 0, and leaves an uncertain band of about `band` of the total cost around the budget's edge
@@ -108,9 +115,19 @@ def scores_from_importance(
         raise ValueError(f"band must be in (0, 1], got {band}")
     c = costs.detach().double().cpu()
     ratio = importance.detach().double().cpu() / c.clamp(min=1e-12)
-    order = torch.argsort(ratio, stable=True)  # least important first
+    sizes = list(group_sizes) if group_sizes is not None else [c.numel()]
+    if sum(sizes) != c.numel():
+        raise ValueError(f"group_sizes add up to {sum(sizes)} units, the importance has {c.numel()}")
     position = torch.empty_like(c)
-    position[order] = (torch.cumsum(c[order], 0) - 0.5 * c[order]) / c.sum()  # cost-weighted rank in (0, 1)
+    start = 0
+    for size in sizes:  # cost-weighted rank in (0, 1) within each group, least important first
+        part = slice(start, start + size)
+        order = torch.argsort(ratio[part], stable=True)
+        cs = c[part][order]
+        ranks = torch.empty_like(cs)
+        ranks[order] = (torch.cumsum(cs, 0) - 0.5 * cs) / cs.sum()
+        position[part] = ranks
+        start += size
     ramp = position / band
     c32 = costs.detach().float().cpu()
     scores = project_to_budget(ramp.float(), c32, budget, weights=c32)  # one shift for all: keeps the order

@@ -227,8 +227,9 @@ class SparseTrainer(Trainer):
         importance = self._importance.flat().to(self.args.device, torch.float32)
         if self.accelerator.num_processes > 1:
             importance = self.accelerator.reduce(importance, reduction="mean")
+        sizes = [g.num_units for g in self.structure] if self.args.importance_ranking == "group" else None
         scores = scores_from_importance(importance.to(self.structure.device), self._costs, self.budget_at(step),
-                                        band=self.args.importance_band)
+                                        band=self.args.importance_band, group_sizes=sizes)
         self.structure.set_scores(scores)
         logger.info(
             f"SparseTrainer: informed start after {self._importance.steps} dense steps: "

@@ -101,6 +101,11 @@ class SparseTrainingArguments(TrainingArguments):
         metadata={"help": "With importance_warmup: the share of the total cost left uncertain (0 < p < 1) around "
                           "the budget's edge at the informed start; the rest starts kept (p=1) or dropped (p=0)."},
     )
+    importance_ranking: str = field(
+        default="group",
+        metadata={"help": "With importance_warmup: rank units within their own group (layer), so every layer starts "
+                          "near the kept fraction, or across the whole model.", "choices": ["group", "global"]},
+    )
     projection: str = field(
         default="weighted", metadata={"help": "Budget projection metric.", "choices": list(PROJECTIONS)}
     )
@@ -121,6 +126,7 @@ class SparseTrainingArguments(TrainingArguments):
         _choice("score_function", self.score_function, SCORE_FUNCTIONS)
         _choice("projection", self.projection, PROJECTIONS)
         _choice("eval_mask", self.eval_mask, EVAL_MASKS)
+        _choice("importance_ranking", self.importance_ranking, ("group", "global"))
         if self.mask_samples < 2 or self.mask_samples > 64:
             raise ValueError(f"mask_samples must be in [2, 64] (each costs a forward pass), got {self.mask_samples}")
         if not 1 <= self.mask_groups <= 64:

@@ -70,6 +70,24 @@ def test_scores_from_importance_fill_the_budget_in_importance_order():
         scores_from_importance(importance, costs, budget, band=0.0)
 
 
+def test_group_ranking_keeps_every_group_near_the_budget_fraction():
+    torch.manual_seed(0)
+    costs = torch.ones(300)
+    importance = torch.rand(300) * torch.repeat_interleave(torch.tensor([1e4, 1.0, 1e-4]), 100)  # scales per layer
+    budget = 0.5 * 300
+    flat = scores_from_importance(importance, costs, budget, band=0.2)
+    assert float(flat[:100].mean()) > 0.99 and float(flat[200:].mean()) < 0.01  # one ranking empties a layer
+    s = scores_from_importance(importance, costs, budget, band=0.2, group_sizes=[100, 100, 100])
+    assert float(s.sum()) == pytest.approx(budget, rel=1e-4)
+    for part in s.split(100):
+        assert float(part.mean()) == pytest.approx(0.5, abs=0.01)
+    for part, imp in zip(s.split(100), importance.split(100)):  # within a group: the importance order
+        order = torch.argsort(imp)
+        assert bool((part[order][1:] >= part[order][:-1] - 1e-6).all())
+    with pytest.raises(ValueError, match="group_sizes"):
+        scores_from_importance(importance, costs, budget, group_sizes=[100, 100])
+
+
 def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path):
     model = tiny_llama()
     args = SparseTrainingArguments(
@@ -92,7 +110,9 @@ def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path
     assert seen["step"] == 5 and trainer._importance.steps == 5
     assert bool((seen["masks_before"] == 1).all())  # the warm-up computed every unit
     costs = trainer.structure.costs("params")
-    expected = scores_from_importance(seen["importance"].float(), costs, trainer._target_budget, band=0.25)
+    sizes = [g.num_units for g in trainer.structure]
+    expected = scores_from_importance(seen["importance"].float(), costs, trainer._target_budget, band=0.25,
+                                      group_sizes=sizes)
     torch.testing.assert_close(seen["scores"], expected)
     assert float((seen["scores"] * costs).sum()) == pytest.approx(trainer._target_budget, rel=1e-4)
     assert abs(hs.sparsity_report(model).sparsity_topk - 0.5) <= 0.02
@@ -103,7 +123,7 @@ def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path
 @pytest.mark.parametrize(
     "bad, field",
     [(dict(importance_warmup=1.0), "importance_warmup"), (dict(importance_warmup=-0.1), "importance_warmup"),
-     (dict(importance_band=0.0), "importance_band"),
+     (dict(importance_band=0.0), "importance_band"), (dict(importance_ranking="layer"), "importance_ranking"),
      (dict(importance_warmup=0.1, budget_schedule_end=0.5), "budget_schedule_end")],
 )
 def test_importance_arguments_are_checked(tmp_path, bad, field):
