@@ -173,13 +173,17 @@ class SparseTrainer(Trainer):
             self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
 
         chunks = _split_batch(inputs, groups)
-        batch = _batch_size(inputs)
-        # A loss normalised by the number of items (num_items_in_batch) already splits over the chunks; a mean
-        # loss is weighted by the chunk's share of the batch.
-        per_item = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if len(chunks) == 1:
+            shares, chunk_items = [1.0], num_items_in_batch  # exactly the Trainer's own step
+        else:
+            # Each chunk's mean loss, weighted by its share of the items (label tokens, or examples): the batch's
+            # mean loss. num_items_in_batch is not passed on: many models accept it and ignore it (BERT's
+            # sequence classification), and summing their chunk means would multiply the loss by mask_groups.
+            counts = [self._count_items(c) for c in chunks]
+            shares, chunk_items = [c / max(sum(counts), 1e-12) for c in counts], None
         total = 0.0
         for g, chunk in enumerate(chunks):
-            share = 1.0 if per_item or batch is None else _batch_size(chunk) / batch
+            share = shares[g]
             rng = _rng_state(self.args.device)
             for k in range(samples):
                 self.structure.set_masks(self._step_masks[g, k])
@@ -193,14 +197,14 @@ class SparseTrainer(Trainer):
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                     try:
                         with sync:
-                            loss = super().training_step(model, chunk, num_items_in_batch).detach().float()
+                            loss = super().training_step(model, chunk, chunk_items).detach().float()
                     finally:
                         self._loss_scale = 1.0
                     total = total + loss
                     value = loss / scale
                 else:
                     with torch.no_grad():
-                        value = self._forward_loss(model, chunk, num_items_in_batch)
+                        value = self._forward_loss(model, chunk, chunk_items)
                 self._step_losses[g, k] += float(value)
         if self.accelerator.sync_gradients:
             self._structure_step()
@@ -236,6 +240,17 @@ class SparseTrainer(Trainer):
             f"{float((scores >= 1).float().mean()):.1%} of units start kept, {float((scores <= 0).float().mean()):.1%} "
             f"dropped, the rest uncertain"
         )
+
+    def _count_items(self, inputs: dict[str, Any]) -> float:
+        """What the loss averages over, counted like `Trainer` counts num_items_in_batch (examples without labels)."""
+        labels = inputs.get("shift_labels")
+        if labels is None and isinstance(inputs.get("labels"), torch.Tensor):
+            labels = inputs["labels"]
+            if labels.dim() > 1 and getattr(self, "_loss_shifts_labels", False):
+                labels = labels[..., 1:]
+        if labels is None:
+            return float(_batch_size(inputs) or 1)
+        return float(labels.ne(-100).sum())
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # scaled only while several masks share one weight gradient (weight_grad_samples > 1)

@@ -249,3 +249,49 @@ def test_mask_groups_give_each_chunk_its_own_masks(tmp_path):
         # Llama takes num_items_in_batch: the chunk's summed token loss over the whole batch's token count
         model(input_ids=ids, labels=ids, num_items_in_batch=total_tokens).loss.backward()
     torch.testing.assert_close(seen["grad"], model.model.layers[1].self_attn.o_proj.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_mask_groups_weight_chunks_when_the_model_ignores_num_items(tmp_path):
+    """BERT's sequence classification accepts num_items_in_batch and ignores it: the chunks' mean losses must
+    be averaged (weighted by their share), not summed (which multiplied loss and gradient by mask_groups)."""
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = hs.sparsify_model(BertForSequenceClassification(config), SparseConfig(sparsity=0.5, score_init="budget"))
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(0, 50, (8, 10), generator=g).tolist(),
+                              "labels": torch.randint(0, 3, (8,), generator=g).tolist()})
+    args = make_args(tmp_path, max_steps=1, mask_groups=2, learning_rate=0.0, max_grad_norm=0.0, logging_steps=1)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=data)
+    seen, chunks = {}, []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen["grad"] = model.bert.encoder.layer[1].output.dense.weight.grad.clone()
+
+    trainer.add_callback(Grab())
+    original = trainer.compute_loss
+
+    def record(model_, inputs, *a, **k):
+        if torch.is_grad_enabled():
+            chunks.append({k_: v.clone() for k_, v in inputs.items()})
+        return original(model_, inputs, *a, **k)
+
+    trainer.compute_loss = record
+    out = trainer.train()
+    masks = trainer._step_masks
+    structure = hs.SparseStructure(model)
+    model.zero_grad()
+    losses = []
+    for gi, chunk in enumerate(chunks):
+        structure.set_masks(masks[gi, 0])
+        loss = model(**chunk).loss
+        (0.5 * loss).backward()
+        losses.append(float(loss))
+    torch.testing.assert_close(seen["grad"], model.bert.encoder.layer[1].output.dense.weight.grad, atol=1e-6, rtol=1e-5)
+    assert out.training_loss == pytest.approx(sum(losses) / 2, rel=1e-4)
+    # the structure sees each chunk's mean loss
+    torch.testing.assert_close(trainer._step_losses[:, 0].float(), torch.tensor(losses), atol=1e-5, rtol=1e-5)
