@@ -48,6 +48,17 @@ class SparseTrainingArguments(TrainingArguments):
         fix_masks_at (`float`, defaults to `0.8`):
             Fraction of training after which the top-K mask is fixed and only the kept weights train
             (one forward and one backward per step). `1.0` searches until the end.
+        importance_warmup (`float`, defaults to `0.0`):
+            The informed start (`hf_sparse.importance`): this fraction of training runs dense while each unit's
+            first-order Taylor importance (the squared derivative of the loss w.r.t. a gate on the unit,
+            averaged over steps) is read off the ordinary backward; then the keep probabilities start from
+            it, projected onto the budget, and the search refines them. The budget must reach its target by
+            then (`budget_schedule_end <= importance_warmup`). `0`: off.
+        importance_band (`float`, defaults to `0.25`):
+            Share of the total cost left uncertain (0 < s < 1) at the informed start; the rest starts at 1 or 0.
+        importance_ranking (`str`, defaults to `"group"`):
+            `"group"`: rank units within their own group (every layer starts near the kept fraction);
+            `"global"`: one ranking over the model (early layers' larger derivatives then win).
         projection (`str`, defaults to `"weighted"`):
             `"euclidean"`: the exact projection of method.md (units with large costs move first);
             `"weighted"`: the projection in the metric weighted by unit cost (every unit moves alike).
