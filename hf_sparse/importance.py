@@ -96,7 +96,7 @@ class TaylorImportance:
 
 def scores_from_importance(
     importance: torch.Tensor, costs: torch.Tensor, budget: float, band: float = 0.25,
-    group_sizes: list[int] | None = None,
+    group_sizes: list[int] | None = None, explore: float = 0.0,
 ) -> torch.Tensor:
     """Keep probabilities from an importance per unit: ranked by importance per unit of cost (a knapsack's
     greedy order), laid on a ramp over the cumulated cost, then projected onto `budget`.
@@ -110,9 +110,16 @@ def scores_from_importance(
     The result keeps the most important units with probability 1, drops the least important with
     probability 0, and leaves an uncertain band of about `band` of the total cost around the budget's edge
     for the search to decide.
+
+    `explore` mixes in the uniform keep probability (budget / total cost): s = (1 - explore) s + explore
+    budget / total, which spends the same budget and leaves no unit at exactly 0 or 1. Why: the score-function
+    gradient of a unit at 0 or 1 is 0 (its mask never varies), so a unit that starts there is never searched;
+    groups of two units (the kv groups of a small Llama) otherwise start one at 1 and one at 0.
     """
     if not 0.0 < band <= 1.0:
         raise ValueError(f"band must be in (0, 1], got {band}")
+    if not 0.0 <= explore < 1.0:
+        raise ValueError(f"explore must be in [0, 1), got {explore}")
     c = costs.detach().double().cpu()
     ratio = importance.detach().double().cpu() / c.clamp(min=1e-12)
     sizes = list(group_sizes) if group_sizes is not None else [c.numel()]
@@ -131,4 +138,7 @@ def scores_from_importance(
     ramp = position / band
     c32 = costs.detach().float().cpu()
     scores = project_to_budget(ramp.float(), c32, budget, weights=c32)  # one shift for all: keeps the order
+    if explore > 0:
+        uniform = min(1.0, budget / float(c32.double().sum()))
+        scores = (1.0 - explore) * scores + explore * uniform
     return scores.to(costs.device)

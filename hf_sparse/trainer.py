@@ -233,7 +233,8 @@ class SparseTrainer(Trainer):
             importance = self.accelerator.reduce(importance, reduction="mean")
         sizes = [g.num_units for g in self.structure] if self.args.importance_ranking == "group" else None
         scores = scores_from_importance(importance.to(self.structure.device), self._costs, self.budget_at(step),
-                                        band=self.args.importance_band, group_sizes=sizes)
+                                        band=self.args.importance_band, group_sizes=sizes,
+                                        explore=self.args.importance_explore)
         self.structure.set_scores(scores)
         logger.info(
             f"SparseTrainer: informed start after {self._importance.steps} dense steps: "

@@ -56,6 +56,9 @@ class SparseTrainingArguments(TrainingArguments):
             then (`budget_schedule_end <= importance_warmup`). `0`: off.
         importance_band (`float`, defaults to `0.25`):
             Share of the total cost left uncertain (0 < s < 1) at the informed start; the rest starts at 1 or 0.
+        importance_explore (`float`, defaults to `0.0`):
+            Mix this share of the uniform keep probability into the informed start (same budget), so that no
+            unit starts at exactly 0 or 1, where the score-function gradient is 0 and the search cannot move it.
         importance_ranking (`str`, defaults to `"group"`):
             `"group"`: rank units within their own group (every layer starts near the kept fraction);
             `"global"`: one ranking over the model (early layers' larger derivatives then win).
@@ -112,6 +115,12 @@ class SparseTrainingArguments(TrainingArguments):
         metadata={"help": "With importance_warmup: the share of the total cost left uncertain (0 < p < 1) around "
                           "the budget's edge at the informed start; the rest starts kept (p=1) or dropped (p=0)."},
     )
+    importance_explore: float = field(
+        default=0.0,
+        metadata={"help": "With importance_warmup: mix this share of the uniform keep probability into the informed "
+                          "start, so no unit starts at exactly 0 or 1 (where its mask never varies and the search "
+                          "cannot move it). Same budget."},
+    )
     importance_ranking: str = field(
         default="group",
         metadata={"help": "With importance_warmup: rank units within their own group (layer), so every layer starts "
@@ -165,6 +174,8 @@ class SparseTrainingArguments(TrainingArguments):
             raise ValueError(f"importance_warmup is a fraction of training in [0, 1), got {self.importance_warmup}")
         if not 0.0 < self.importance_band <= 1.0:
             raise ValueError(f"importance_band must be in (0, 1], got {self.importance_band}")
+        if not 0.0 <= self.importance_explore < 1.0:
+            raise ValueError(f"importance_explore must be in [0, 1), got {self.importance_explore}")
         if self.importance_warmup > 0 and self.budget_schedule_end > self.importance_warmup:
             raise ValueError(
                 f"importance_warmup={self.importance_warmup} with budget_schedule_end={self.budget_schedule_end}: the "

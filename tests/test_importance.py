@@ -84,6 +84,12 @@ def test_group_ranking_keeps_every_group_near_the_budget_fraction():
     for part, imp in zip(s.split(100), importance.split(100)):  # within a group: the importance order
         order = torch.argsort(imp)
         assert bool((part[order][1:] >= part[order][:-1] - 1e-6).all())
+    explored = scores_from_importance(importance, costs, budget, band=0.2, group_sizes=[100, 100, 100], explore=0.2)
+    assert float(explored.sum()) == pytest.approx(budget, rel=1e-4)  # the same budget
+    assert float(explored.min()) == pytest.approx(0.1) and float(explored.max()) == pytest.approx(0.9)
+    torch.testing.assert_close(explored, 0.8 * s + 0.2 * 0.5)
+    with pytest.raises(ValueError, match="explore"):
+        scores_from_importance(importance, costs, budget, explore=1.0)
     with pytest.raises(ValueError, match="group_sizes"):
         scores_from_importance(importance, costs, budget, group_sizes=[100, 100])
 
@@ -124,6 +130,7 @@ def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path
     "bad, field",
     [(dict(importance_warmup=1.0), "importance_warmup"), (dict(importance_warmup=-0.1), "importance_warmup"),
      (dict(importance_band=0.0), "importance_band"), (dict(importance_ranking="layer"), "importance_ranking"),
+     (dict(importance_explore=1.0), "importance_explore"),
      (dict(importance_warmup=0.1, budget_schedule_end=0.5), "budget_schedule_end")],
 )
 def test_importance_arguments_are_checked(tmp_path, bad, field):
