@@ -79,6 +79,12 @@ class ClassificationTrainingArguments(RecipeTrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up steps (a float < 1: a fraction of training)."})
     logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
+    # The informed start the quality study led to (docs/quality.md): 20% dense warm-up with Taylor importance,
+    # the budget at its target from there, the search until half-way, then the fixed mask.
+    importance_warmup: float = field(default=0.2, metadata={"help": "Dense warm-up (fraction) before the informed start; 0: off."})
+    budget_schedule_start: float = field(default=0.2, metadata={"help": "Fraction of training where the budget starts to fall."})
+    budget_schedule_end: float = field(default=0.2, metadata={"help": "Fraction of training where the budget reaches the target."})
+    fix_masks_at: float = field(default=0.5, metadata={"help": "Fraction of training after which the top-K mask is fixed."})
 
 
 def default_model_path() -> str:
