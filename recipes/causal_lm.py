@@ -179,7 +179,9 @@ def main(argv=None):
     hf_sparse.fix_masks(trainer.model)
     report = hf_sparse.sparsity_report(trainer.model, seq_len=data_args.block_size)
     sparse = run_summary(metrics, seconds, out.global_step, "perplexity", math.exp(metrics["eval_loss"]))
-    sparse.update(sparsity=report.sparsity, forward_flops_vs_dense=report.forward_flops_fraction)
+    sparse.update(sparsity=report.sparsity, forward_flops_vs_dense=report.forward_flops_fraction,
+                  train_flops_vs_dense=next((h["sparse/train_flops_vs_dense"] for h in reversed(trainer.state.log_history)
+                                             if "sparse/train_flops_vs_dense" in h), None))
     results = {
         "task": described, "model": model_args.model_name_or_path or "Llama from scratch", "steps": out.global_step,
         "sparse": sparse, "sparse_config": sparse_config.to_dict(), "hardware": describe_hardware(),

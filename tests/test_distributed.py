@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -16,11 +17,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_on_masks_scores_and_weights(tmp_path):
+@pytest.mark.parametrize("start", ["plain", "informed"])
+def test_two_processes_agree_on_masks_scores_and_weights(tmp_path, start):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           os.path.join(HERE, "scripts", "ddp_train.py"), str(tmp_path), "gather"]
+           os.path.join(HERE, "scripts", "ddp_train.py"), str(tmp_path), "gather", start]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -38,3 +40,7 @@ def test_two_processes_agree_on_masks_scores_and_weights(tmp_path):
     assert fixed[-1] == 1.0
     sparsity = [h["sparse/sparsity"] for h in r0["log_history"] if "sparse/sparsity" in h]
     assert abs(sparsity[-1] - 0.5) < 0.01
+    if start == "informed":
+        # each rank measured the importance on its own batches; the start was built from their mean
+        assert not torch.equal(r0["local_importance"], r1["local_importance"])
+        assert r0["log_history"][0]["sparse/train_flops_vs_dense"] == 1.0  # the warm-up steps were dense

@@ -19,10 +19,14 @@ import hf_sparse as hs  # noqa: E402
 def main():
     out_dir = sys.argv[1]
     compute = sys.argv[2] if len(sys.argv) > 2 else "gather"
+    start = sys.argv[3] if len(sys.argv) > 3 else "plain"
+    schedule = dict(budget_schedule_end=0.5)
+    if start == "informed":  # 4 dense steps of Taylor importance (different data on each rank), then the search
+        schedule = dict(importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25)
     args = hs.SparseTrainingArguments(
         output_dir=out_dir, max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=3e-3, logging_steps=4, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        budget_schedule_end=0.5, fix_masks_at=0.75, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
+        **schedule, fix_masks_at=0.75, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
     )
     model = tiny_llama()
     trainer = hs.SparseTrainer(
@@ -37,6 +41,7 @@ def main():
         "masks": trainer.structure.masks().cpu(),
         "params": {n: p.detach().cpu() for n, p in trainer.model.state_dict().items()},
         "log_history": trainer.state.log_history,
+        "local_importance": trainer._importance.flat().cpu() if trainer._importance is not None else None,
     }
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     trainer.accelerator.wait_for_everyone()
