@@ -469,13 +469,22 @@ def _phase_boundaries(trainer) -> list[int]:
     return [trainer._fraction_step(a.budget_schedule_end), trainer._fraction_step(a.fix_masks_at)]
 
 
+def random_units_mask(structure, sparsity: float, seed: int) -> torch.Tensor:
+    """The random baseline's mask: units in a seeded random order, kept while they fit the parameter budget."""
+    from hf_sparse import topk_mask
+
+    costs = structure.costs("params")
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return topk_mask(torch.rand(structure.num_units, generator=gen), costs, (1.0 - sparsity) * float(costs.double().sum()))
+
+
 def execute(spec: RunSpec, task, out_tmp: str) -> dict[str, Any]:
     """Train one run and evaluate it; returns the result record (no caching here)."""
     from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     import hf_sparse
-    from hf_sparse import SparseConfig, SparseStructure, SparseTrainer, SparseTrainingArguments, topk_mask
+    from hf_sparse import SparseConfig, SparseStructure, SparseTrainer, SparseTrainingArguments
 
     set_seed(spec.seed)
     model = task.model(spec.seed)
@@ -506,11 +515,7 @@ def execute(spec: RunSpec, task, out_tmp: str) -> dict[str, Any]:
             args = SparseTrainingArguments(**common, **schedule)
             if spec.method == "random":
                 structure = SparseStructure(model)
-                costs = structure.costs("params")
-                gen = torch.Generator().manual_seed(10_000 + spec.seed)
-                mask = topk_mask(torch.rand(structure.num_units, generator=gen), costs,
-                                 (1.0 - spec.sparsity) * float(costs.double().sum()))
-                structure.set_masks(mask)
+                structure.set_masks(random_units_mask(structure, spec.sparsity, spec.seed))
                 for g in structure:
                     g.fixed.fill_(True)  # trains only the kept weights, from step 0
                 trainer = SparseTrainer(model=model, args=args, **kwargs)

@@ -243,7 +243,9 @@ class SparseTrainer(Trainer):
         )
 
     def _count_items(self, inputs: dict[str, Any]) -> float:
-        """What the loss averages over, counted like `Trainer` counts num_items_in_batch (examples without labels)."""
+        """What the loss averages over, counted like `Trainer._get_num_items_in_batch` counts (examples without
+        labels). Not that method itself: it counts only for models that take num_items_in_batch and sums over
+        every rank, and a chunk's share needs the local count for every model."""
         labels = inputs.get("shift_labels")
         if labels is None and isinstance(inputs.get("labels"), torch.Tensor):
             labels = inputs["labels"]
@@ -350,7 +352,7 @@ class SparseTrainer(Trainer):
 
     # --- evaluation -----------------------------------------------------------------------------------
     def _set_eval_mask(self):
-        if self.in_importance_warmup() and not self.is_fixed():
+        if self.in_importance_warmup():  # (never fixed then: fix_masks_at >= importance_warmup)
             mask = torch.ones(self.structure.num_units)  # no structure yet: the dense model is what trains
         elif self.is_fixed() or self.args.eval_mask == "topk":
             mask = self.topk_mask()

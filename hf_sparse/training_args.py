@@ -185,8 +185,9 @@ class SparseTrainingArguments(TrainingArguments):
             )
         if self.fix_masks_at < max(self.budget_schedule_end, self.importance_warmup):
             raise ValueError(
-                f"fix_masks_at={self.fix_masks_at} is before budget_schedule_end={self.budget_schedule_end}: the mask "
-                "would be fixed before the budget reaches the target; set fix_masks_at >= budget_schedule_end"
+                f"fix_masks_at={self.fix_masks_at} is before budget_schedule_end={self.budget_schedule_end} or "
+                f"importance_warmup={self.importance_warmup}: the mask would be fixed before the budget reaches the "
+                "target or before the informed start; set fix_masks_at >= both"
             )
 
 
