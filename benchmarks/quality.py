@@ -309,6 +309,9 @@ def _trainer_classes():
         def topk_mask(self) -> torch.Tensor:  # evaluation, logs and the fixed phase use the magnitude mask
             return self._magnitude_mask if self._magnitude_mask is not None else super().topk_mask()
 
+        def _structure_learned(self) -> bool:  # the magnitudes are the structure; the scores never move
+            return self._magnitude_mask is not None
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             step = self.state.global_step
             if self.is_fixed(step):

@@ -36,7 +36,9 @@ from torch import nn
 from .config import CONFIG_NAME, SparseConfig
 from .layers import Conv1D, MaskedWeightLinear, SparseLinear
 from .patching import CONFIG_ATTR, _lora_parts, get_sparse_config, is_sparsified, sparsify_model, unsparsify_model
-from .structure import SparseStructure, UnitGroup, sample_masks, topk_mask
+from .dropped import DROPPED_WEIGHTS_NAME, split_dropped
+from .structure import SparseStructure, UnitGroup, sample_masks, unit_rows
+from .trainer_checkpoint import restore_from_folder, write_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ FIX_METHODS = ("topk", "sample")
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
 # Files a model export owns: replacing a folder never carries these over from the old contents.
 _MODEL_FILE_PREFIXES = ("model", "pytorch_model", "adapter_model")
-_MODEL_FILES = ("config.json", "generation_config.json", CONFIG_NAME, "adapter_config.json")
+_MODEL_FILES = ("config.json", "generation_config.json", CONFIG_NAME, "adapter_config.json", DROPPED_WEIGHTS_NAME)
 
 
 # --- fixing the mask ----------------------------------------------------------------------------------
@@ -92,8 +94,18 @@ def fix_masks(
             sparsity = config.sparsity
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"fix_masks: sparsity must be a number in [0, 1), got {sparsity!r}")
+        scores = structure.scores()
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("fix_masks: some keep probabilities are not finite (NaN/inf); the structure training "
+                             "diverged. Train again with a lower structure_learning_rate; nothing was fixed")
+        if structure.scores_tied():
+            raise ValueError(
+                "fix_masks: the scores were never trained (every keep probability is equal), so a top-K mask would "
+                "be chosen by ties. Train with SparseTrainer first, start from an informed guess "
+                "(SparseConfig(score_init='magnitude')), or set the scores yourself (SparseStructure.set_scores)"
+            )
         costs = structure.costs(config.budget)
-        mask = topk_mask(structure.scores(), costs, (1.0 - float(sparsity)) * float(costs.double().sum()))
+        mask = structure.topk_mask(costs, (1.0 - float(sparsity)) * float(costs.double().sum()))
     else:
         if score_fn is None or not callable(score_fn):
             raise ValueError(
@@ -171,13 +183,6 @@ class NoHeadsAttention(nn.Module):
         return out, None
 
 
-def _unit_rows(kept: torch.Tensor, width: int, segments: int, segment_size: int) -> torch.Tensor:
-    rows = (kept[:, None] * width + torch.arange(width, device=kept.device)).reshape(-1)
-    if segments > 1:
-        rows = torch.cat([rows + s * segment_size for s in range(segments)])
-    return rows
-
-
 def _new_layer(transposed: bool, in_features: int, out_features: int, bias: bool, device="meta") -> nn.Module:
     """A Linear / Conv1D of the given shape whose parameters are assigned after (on `device`, meta by default)."""
     with torch.device(device), warnings.catch_warnings():
@@ -190,10 +195,10 @@ def _new_layer(transposed: bool, in_features: int, out_features: int, bias: bool
 
 def _shrunk_layer(layer: SparseLinear, kept: torch.Tensor) -> nn.Module:
     if layer.role == "out":
-        idx = _unit_rows(kept, layer.width, layer.segments, layer.segment_size)
+        idx = unit_rows(kept, layer.width, layer.segments, layer.segment_size)
         in_f, out_f = layer.in_features, int(idx.numel())
     else:
-        idx = _unit_rows(kept, layer.width, 1, 0)
+        idx = unit_rows(kept, layer.width, 1, 0)
         in_f, out_f = int(idx.numel()), layer.out_features
     new = _new_layer(layer.transposed, in_f, out_f, layer.bias is not None)
     dim = (1 if layer.transposed else 0) if layer.role == "out" else (0 if layer.transposed else 1)
@@ -375,11 +380,13 @@ def _tie_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def _write_safetensors(model: nn.Module, path: str, metadata: dict[str, str]) -> dict[str, str]:
-    """The whole state dict, each shared tensor once; returns {dropped alias: kept name}."""
+def _write_safetensors(model: nn.Module, path: str, metadata: dict[str, str],
+                       state: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """The whole state dict (or `state`, the same keys), each shared tensor once; returns {dropped alias: kept
+    name}."""
     from safetensors.torch import save_file
 
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
     aliases = {}
     for names in _tie_groups(model):
         for alias in names[1:]:
@@ -543,6 +550,33 @@ def _check_target(target: str, overwrite: bool) -> None:
         )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(target: str) -> None:
+    """Remove what saves of `target` killed midway left beside it (`.name.tmp-PID-*`, `.name.old-PID-*` of
+    processes that no longer run): a kill skips every cleanup, and each left a model-sized folder."""
+    parent, base = os.path.dirname(target), os.path.basename(target)
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        for kind in (".tmp-", ".old-"):
+            prefix = f".{base}{kind}"
+            if not entry.startswith(prefix):
+                continue
+            pid = entry[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                logger.info("hf_sparse: removed %s, left by a save that was killed", entry)
+
+
 @contextlib.contextmanager
 def _atomic_folder(target: str, overwrite: bool) -> Iterator[str]:
     """Yields a temporary folder beside `target`; on success it replaces `target` by renames. An existing
@@ -553,7 +587,9 @@ def _atomic_folder(target: str, overwrite: bool) -> Iterator[str]:
     parent = os.path.dirname(target)
     _check_target(target, overwrite)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    _remove_stale_temporaries(target)
+    # the writer's pid in the name: a later save can tell a dead writer's leftovers from a live one's folder
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-{os.getpid()}-", dir=parent)
     try:
         yield tmp
         if os.path.isdir(target) and os.listdir(target):
@@ -571,7 +607,7 @@ def _atomic_folder(target: str, overwrite: bool) -> Iterator[str]:
                     shutil.copytree(src, dst, symlinks=True)
                 else:
                     shutil.copy2(src, dst, follow_symlinks=False)
-            old = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
+            old = os.path.join(parent, f".{os.path.basename(target)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
             try:
                 os.rename(tmp, target)
@@ -622,10 +658,14 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
     structure = SparseStructure(model)
     with _atomic_folder(os.fspath(save_directory), overwrite) as tmp:
         groups = {name: g.num_units for name, g in zip(structure.names, structure.groups)}
+        # dropped entries as explicit zeros (plain from_pretrained then computes the sparse model), their values
+        # apart (load_sparse_model puts them back: training can go on from the same weights)
+        state, dropped = split_dropped(model, model.state_dict())
         _write_safetensors(
             model, os.path.join(tmp, WEIGHTS_NAME),
-            {"hf_sparse_format": SPARSE_FORMAT, "hf_sparse_groups": json.dumps(groups)},
+            {"hf_sparse_format": SPARSE_FORMAT, "hf_sparse_groups": json.dumps(groups)}, state=state,
         )
+        write_dropped(tmp, dropped)
         _save_config_files(model, tmp)
         config.save_pretrained(tmp)
     return os.path.abspath(os.fspath(save_directory))
@@ -671,6 +711,7 @@ def load_sparse_model(
                 f"saved ones (group, units) {diff}; was sparse_config.json edited or copied from another model?"
             )
         _assign_state(model, tensors, f"the model that {CONFIG_NAME} describes", directory)
+        restore_from_folder(model, directory)
     elif shapes is not None:
         tensors, _ = _read_weights(directory)
         model = _build(cls, model_config, kwargs)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .structure import UnitGroup
+from .structure import UnitGroup, unit_rows
 
 try:  # transformers' GPT-2 style linear: weight is [in, out]
     from transformers.pytorch_utils import Conv1D
@@ -158,6 +158,17 @@ class SparseLinear(nn.Module):
         else:
             w.mul_(keep[None, :])
 
+    def unit_slices(self, units: torch.Tensor) -> list[tuple[str, nn.Parameter, int, torch.Tensor]]:
+        """(name, parameter, dim, indices) of the entries of this layer's parameters that `units` (unit indices
+        of its group) own: rows and bias entries of a producer, columns of a consumer, in the stored layout."""
+        if self.role == "out":
+            idx = unit_rows(units, self.width, self.segments, self.segment_size)
+            out = [("weight", self.weight, 1 if self.transposed else 0, idx)]
+            if self.bias is not None:
+                out.append(("bias", self.bias, 0, idx))
+            return out
+        return [("weight", self.weight, 0 if self.transposed else 1, unit_rows(units, self.width))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.group
         w = self.weight.t() if self.transposed else self.weight  # [out, in], a view
@@ -190,6 +201,10 @@ class MaskedWeightLinear(SparseLinear):
         if not is_supported_linear(module):
             raise TypeError(f"hf_sparse cannot sparsify a {type(module).__name__}; supported layer types: {SUPPORTED_LAYER_TYPES}")
         return cls(module.weight, module.bias, group, Conv1D is not None and isinstance(module, Conv1D))
+
+    def unit_slices(self, units: torch.Tensor) -> list[tuple[str, nn.Parameter, int, torch.Tensor]]:
+        # one unit per weight: indices into the flattened weight (dim -1 marks the flat view)
+        return [("weight", self.weight, -1, units)]
 
     @torch.no_grad()
     def zero_dropped_(self) -> None:

@@ -232,6 +232,7 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
             "this model is already sparsified (it has hf_sparse unit groups); call hf_sparse.unsparsify_model(model) "
             "first, or keep training the sparse model as it is"
         )
+    _refuse_unsupported(model)
     model_config = getattr(model, "config", None)
     candidates: list[str] = []
     if config.uses_weights:
@@ -290,6 +291,38 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
         len(structure.groups), structure.num_units, structure.total_budget("params"), config.sparsity,
     )
     return model
+
+
+SUPPORTED_PEFT = "plain LoRA (peft.LoraConfig without use_dora) on torch.nn.Linear / Conv1D base layers"
+
+
+def _refuse_unsupported(model: nn.Module) -> None:
+    """Refuse, before anything is patched, models the sparse layers cannot compute correctly."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model has parameters on the meta device ({meta[0]}, ...): they hold no values to train or prune. "
+            "Load the weights first (from_pretrained without device_map='meta' / init_empty_weights), then sparsify"
+        )
+    for name, cfg in (getattr(model, "peft_config", None) or {}).items():
+        kind = str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", "")))
+        if kind.upper() != "LORA":
+            raise ValueError(
+                f"adapter {name!r} is a PEFT {kind} adapter: hf_sparse supports {SUPPORTED_PEFT}. Its per-unit "
+                "scaling would be applied to units the sparse layers do not compute"
+            )
+        if getattr(cfg, "use_dora", False):
+            raise ValueError(
+                f"adapter {name!r} uses DoRA (use_dora=True): its per-row weight norm needs the whole row, which the "
+                f"gathered layers do not compute. hf_sparse supports {SUPPORTED_PEFT}"
+            )
+    for mname, module in model.named_modules():
+        parts = _lora_parts(module)
+        if parts is not None and not is_supported_linear(parts[0]):
+            raise ValueError(
+                f"{mname}: LoRA on a {type(parts[0]).__name__} base layer (quantized or custom): hf_sparse supports "
+                f"{SUPPORTED_PEFT}; dequantize the base first"
+            )
 
 
 @torch.no_grad()

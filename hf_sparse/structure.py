@@ -15,6 +15,15 @@ from torch import nn
 GROUP_KINDS = ("neuron", "head", "weight")
 
 
+def unit_rows(units: torch.Tensor, width: int, segments: int = 1, segment_size: int = 0) -> torch.Tensor:
+    """Rows (or columns) of a weight that `units` span, each unit `width` contiguous rows, repeated over
+    `segments` fused blocks of `segment_size` rows (e.g. a fused gate_up projection)."""
+    rows = (units[:, None] * width + torch.arange(width, device=units.device)).reshape(-1)
+    if segments > 1:
+        rows = torch.cat([rows + s * segment_size for s in range(segments)])
+    return rows
+
+
 class UnitGroup(nn.Module):
     def __init__(self, kind: str, num_units: int, unit_cost: torch.Tensor | float, compute: str = "gather"):
         super().__init__()
@@ -54,7 +63,14 @@ class UnitGroup(nn.Module):
         self._refresh()
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) moves the mask: recompute indices there
+        # The structure state stays float32 whatever the model's dtype (model.to(torch.bfloat16), .half()):
+        # bf16 scores and costs would round, and the budget projection would drift. Only the device follows.
+        kept = {name: self._buffers[name] for name in ("scores", "mask", "params_per_unit")}
         out = super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = before.to(moved.device)
         self._refresh()
         return out
 
@@ -78,10 +94,7 @@ class UnitGroup(nn.Module):
         key = (width, segments, segment_size)
         idx = self._index_cache.get(key)
         if idx is None:
-            rows = (self.kept[:, None] * width + torch.arange(width, device=self.kept.device)).reshape(-1)
-            if segments > 1:
-                rows = torch.cat([rows + s * segment_size for s in range(segments)])
-            self._index_cache[key] = idx = rows
+            self._index_cache[key] = idx = unit_rows(self.kept, width, segments, segment_size)
         return idx
 
     def expanded_mask(self, width: int, segments: int = 1) -> torch.Tensor:
@@ -150,6 +163,15 @@ class SparseStructure:
         for g, m in zip(self.groups, self.split(flat.to(self.device, torch.float32))):
             g.set_mask(m)
 
+    def topk_mask(self, costs: torch.Tensor, budget: float) -> torch.Tensor:
+        """`topk_mask` of the current scores, ties spread over the groups (never towards whole layers)."""
+        return topk_mask(self.scores(), costs, budget, group_sizes=self.sizes)
+
+    def scores_tied(self) -> bool:
+        """True while every score is equal (nothing learned yet): a top-K of them would be decided by ties."""
+        s = self.scores()
+        return bool((s == s[0]).all())
+
     def total_budget(self, budget: str = "params") -> float:
         return float(self.costs(budget).double().sum())
 
@@ -184,24 +206,46 @@ def sample_masks(
     return torch.stack(rows[:num_samples]).to(scores.device)
 
 
-def topk_mask(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> torch.Tensor:
-    """The deterministic mask: units by descending score (ties: lower index first), kept while they fit in
-    `budget`, then any smaller unit that still fits, so the budget is filled as exactly as the costs allow."""
-    order = torch.argsort(-scores.detach().double(), stable=True)
-    c = costs.detach().double()[order]
-    cum = torch.cumsum(c, 0)
-    take = cum <= budget * (1 + 1e-9)
-    spent = float(cum[take][-1]) if bool(take.any()) else 0.0
-    # greedy fill: units that did not fit in order may still fit in what is left (e.g. a neuron after a head)
-    left = budget - spent
-    rest = ((~take) & (c <= left + 1e-9 * max(budget, 1.0))).nonzero().squeeze(1)
-    if rest.numel():
-        for i in rest.tolist():
-            if c[i] <= left + 1e-9 * max(budget, 1.0):
-                take[i] = True
-                left -= float(c[i])
-                if left <= 0:
-                    break
-    mask = torch.zeros_like(scores, dtype=torch.float32)
+def topk_mask(
+    scores: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int] | None = None
+) -> torch.Tensor:
+    """The deterministic mask: units by descending score, kept while they fit in `budget`, then any smaller
+    unit that still fits (greedy, in that order), so the budget is filled as exactly as the costs allow.
+
+    Ties: with `group_sizes` (the units of each group, in flat order) a tie is broken by the unit's relative
+    position inside its group, so equal scores spread the budget over every group instead of keeping the
+    first groups whole and emptying the last ones (tied all-ones scores at 50%: every group keeps ~half).
+    Without it, by index. Vectorised: each pass takes the longest run of candidates that fits; the greedy
+    fill needs at most one pass per distinct unit cost, so it stays cheap at 7B scale (~350k units).
+    """
+    n = scores.numel()
+    device = scores.device
+    if group_sizes is not None:
+        if sum(group_sizes) != n:
+            raise ValueError(f"group_sizes add up to {sum(group_sizes)} units, the scores have {n}")
+        position = torch.cat([(torch.arange(s, dtype=torch.float64) + 0.5) / s for s in group_sizes]).to(device)
+        by_position = torch.argsort(position, stable=True)
+    else:
+        by_position = torch.arange(n, device=device)
+    order = by_position[torch.argsort(-scores.detach().double()[by_position], stable=True)]
+    c = costs.detach().double().to(device)[order]
+    tol = 1e-9 * max(float(budget), 1.0)
+    take = torch.zeros(n, dtype=torch.bool, device=device)
+    left = float(budget)
+    start = 0
+    while start < n:
+        rest = c[start:]
+        cand = ((rest <= left + tol) & ~take[start:]).nonzero().squeeze(1) + start
+        if cand.numel() == 0:
+            break
+        cum = torch.cumsum(c[cand], 0)
+        fits = int((cum <= left + tol).sum())  # a prefix: the cumulative cost only grows
+        if fits:
+            take[cand[:fits]] = True
+            left -= float(cum[fits - 1])
+        if fits == cand.numel():
+            break
+        start = int(cand[fits]) + 1  # that unit no longer fits, and `left` only shrinks: skip it for good
+    mask = torch.zeros(n, dtype=torch.float32, device=device)
     mask[order[take]] = 1.0
     return mask

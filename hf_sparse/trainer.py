@@ -22,12 +22,15 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .budget import cubic_budget, project_to_budget
-from .config import SparseConfig
+from .config import CONFIG_NAME, SparseConfig
+from .dropped import FrozenUnits
 from .estimator import disarm_gradient, vrpge_gradient
 from .importance import TaylorImportance, scores_from_importance
 from .layers import SparseLinear, is_supported_linear
 from .patching import get_sparse_config, is_sparsified, sparsify_model
-from .structure import SparseStructure, sample_masks, topk_mask
+from .shared_dropout import SharedDropout, rng_state, set_rng_state
+from .structure import SparseStructure, sample_masks
+from .trainer_checkpoint import restore_from_folder, save_trainer_model, sparse_files
 from .training_args import SparseTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -99,6 +102,9 @@ class SparseTrainer(Trainer):
         self._importance: TaylorImportance | None = None
         if args.importance_warmup > 0 and not self._fixed_from_start:
             self._importance = TaylorImportance(model, self.structure)
+        # units not computed in a step keep their weights and optimizer state (attached in create_optimizer)
+        self._frozen_units = FrozenUnits(model, self.structure)
+        self._dropout = SharedDropout(model)
 
     # --- schedule -------------------------------------------------------------------------------------
     def _fraction_step(self, fraction: float) -> int:
@@ -113,7 +119,14 @@ class SparseTrainer(Trainer):
 
     def in_importance_warmup(self, step: int | None = None) -> bool:
         step = self.state.global_step if step is None else step
-        return self._importance is not None and step < self._fraction_step(self.args.importance_warmup)
+        return self._importance is not None and step < self.importance_warmup_steps()
+
+    def importance_warmup_steps(self) -> int:
+        """Dense warm-up steps of the informed start: a positive importance_warmup is at least one step (a
+        fraction that rounds to 0 steps of a short run would otherwise skip the informed start silently)."""
+        if self._importance is None:
+            return 0
+        return max(1, self._fraction_step(self.args.importance_warmup))
 
     def is_fixed(self, step: int | None = None) -> bool:
         step = self.state.global_step if step is None else step
@@ -125,7 +138,16 @@ class SparseTrainer(Trainer):
         """The deterministic mask: top-K scores filling the target budget (or the mask frozen before training)."""
         if self._fixed_from_start:
             return self._initial_mask
-        return topk_mask(self.structure.scores(), self._costs, self._target_budget)
+        return self.structure.topk_mask(self._costs, self._target_budget)
+
+    def _computed_units(self) -> torch.Tensor:
+        """The units whose weights get a gradient in the current step (the others must not move)."""
+        keep = self._frozen_units.keep
+        return torch.ones(self.structure.num_units) if keep is None else keep
+
+    def _structure_learned(self) -> bool:
+        """False while every score is still equal: no structure has been learned (or informed) yet."""
+        return self._fixed_from_start or not self.structure.scores_tied()
 
     # --- the step -------------------------------------------------------------------------------------
     def _reset_step_accumulators(self):
@@ -143,19 +165,66 @@ class SparseTrainer(Trainer):
             self._load_structure_state(self._pending_structure_state)
             self._pending_structure_state = None
 
+    def _check_run(self) -> None:
+        """Refuse, before the first step, settings that would train silently wrong."""
+        self._check_backend()
+        a = self.args
+        if self._importance is not None and self._fraction_step(a.importance_warmup) == 0:
+            logger.info(f"SparseTrainer: importance_warmup={a.importance_warmup} of {self.state.max_steps} steps rounds "
+                        "to 0 steps; the informed start warms up for 1 step")
+        if self.is_fixed(0) and not self._structure_learned() and not self.in_importance_warmup(0):
+            raise ValueError(
+                f"fix_masks_at={a.fix_masks_at} fixes the mask at step 0, before any structure is learned: every score "
+                "is equal and the mask would be chosen by ties. Set fix_masks_at after the search "
+                "(e.g. --fix_masks_at 0.8), start from an informed guess (importance_warmup, or "
+                "SparseConfig(score_init='magnitude')), or fix a mask yourself with hf_sparse.fix_masks first"
+            )
+
+    def _check_backend(self) -> None:
+        """DeepSpeed steps its engine inside `backward` when gradients sync: a second backward (weight_grad_samples
+        = 2) or one backward per chunk (mask_groups > 1) would step the weights several times per optimizer step,
+        and a forward after that backward would be taken on updated weights."""
+        a = self.args
+        if getattr(self, "is_deepspeed_enabled", False) and (a.weight_grad_samples > 1 or a.mask_groups > 1):
+            raise ValueError(
+                f"DeepSpeed steps the optimizer inside backward, so weight_grad_samples={a.weight_grad_samples} and "
+                f"mask_groups={a.mask_groups} would update the weights more than once per step and take the structure "
+                "losses on different weights. With DeepSpeed use --weight_grad_samples 1 --mask_groups 1 (the "
+                "no-grad forwards then run before the one backward, on the same weights)"
+            )
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        inner = optimizer
+        while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+            inner = inner.optimizer  # AcceleratedOptimizer and similar wrappers
+        if isinstance(inner, torch.optim.Optimizer):
+            self._frozen_units.attach(inner)
+        return optimizer
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         if self.structure_optimizer is None:
+            self._check_run()
             self._create_structure_optimizer()
         step = self.state.global_step
         if self.is_fixed(step):
             if self._step_mask_step != step:  # the fixed top-K mask; scores no longer move
-                self.structure.set_masks(self.topk_mask())
+                if not self._structure_learned():
+                    raise ValueError(
+                        f"fix_masks_at={self.args.fix_masks_at}: at step {step} every score is still equal (the "
+                        "structure update never moved them), so the fixed mask would be chosen by ties. Check "
+                        "structure_learning_rate, or set fix_masks_at later"
+                    )
+                mask = self.topk_mask()
+                self.structure.set_masks(mask)
                 for g in self.structure:
                     g.fixed.fill_(True)
+                self._frozen_units.keep = mask.clone()
                 self._step_mask_step = step
                 self._record_flops(self._forward_share(self.structure.masks()) * 3.0)
             return super().training_step(model, inputs, num_items_in_batch)
         if self.in_importance_warmup(step):
+            self._frozen_units.keep = None
             return self._importance_step(model, inputs, num_items_in_batch)
 
         a = self.args
@@ -168,47 +237,74 @@ class SparseTrainer(Trainer):
             )
             self._step_masks = flat.view(groups, samples, -1)
             self._step_losses = torch.zeros(groups, samples, dtype=torch.float64)
+            self._step_groups_used = torch.zeros(groups, dtype=torch.bool)
+            self._frozen_units.keep = torch.zeros(self.structure.num_units, device=self.structure.device)
             self._step_mask_step = step
             shares = [[self._forward_share(m) for m in group] for group in self._step_masks]
             self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
 
-        chunks = _split_batch(inputs, groups)
+        chunks = _split_batch(inputs, groups)  # fewer chunks than groups when the batch is smaller
         if len(chunks) == 1:
             shares, chunk_items = [1.0], num_items_in_batch  # exactly the Trainer's own step
         else:
-            # Each chunk's mean loss, weighted by its share of the items (label tokens, or examples): the batch's
-            # mean loss. num_items_in_batch is not passed on: many models accept it and ignore it (BERT's
-            # sequence classification), and summing their chunk means would multiply the loss by mask_groups.
+            # Each chunk's mean loss weighted by its share of the items (label tokens, or examples), so the chunks
+            # add up to the loss the Trainer's own step would take. num_items_in_batch is not passed on: many
+            # models accept it and ignore it (BERT's sequence classification), and summing their chunk means would
+            # multiply the loss by mask_groups. When the Trainer counted the items of the whole step (over its
+            # micro-batches and, with average_tokens_across_devices, over every rank), the share is taken against
+            # that count, scaled as the Trainer scales it, and the Trainer's division by the accumulation steps
+            # is undone (the count already spans them).
             counts = [self._count_items(c) for c in chunks]
-            shares, chunk_items = [c / max(sum(counts), 1e-12) for c in counts], None
+            if num_items_in_batch is not None:
+                scale = self.current_gradient_accumulation_steps
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    scale *= self.accelerator.num_processes
+                total_items = max(float(num_items_in_batch), 1e-12)
+                shares = [c / total_items * scale for c in counts]
+            else:
+                shares = [c / max(sum(counts), 1e-12) for c in counts]
+            chunk_items = None
+        for g in range(len(chunks)):
+            self._step_groups_used[g] = True
+            computed = self._step_masks[g, : a.weight_grad_samples].amax(0).to(self._frozen_units.keep.device)
+            self._frozen_units.keep = torch.maximum(self._frozen_units.keep, computed)
         total = 0.0
+        device = self.args.device
+        # no-grad forwards first, then the backpropagated ones: every loss of this structure update is taken on
+        # the same weights even where backward steps the optimizer (DeepSpeed)
+        order = list(range(a.weight_grad_samples, samples)) + list(range(a.weight_grad_samples))
         for g, chunk in enumerate(chunks):
             share = shares[g]
-            rng = _rng_state(self.args.device)
-            for k in range(samples):
-                self.structure.set_masks(self._step_masks[g, k])
-                if k > 0:
-                    _set_rng_state(rng, self.args.device)  # common random numbers: same dropout for every mask
-                if k < a.weight_grad_samples:
-                    # the weight gradient is the mean over the backpropagated samples, summed over the chunks
-                    scale = share / a.weight_grad_samples
-                    self._loss_scale = scale
-                    last = g == len(chunks) - 1
-                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-                    try:
-                        with sync:
-                            loss = super().training_step(model, chunk, chunk_items).detach().float()
-                    finally:
-                        self._loss_scale = 1.0
-                    total = total + loss
-                    value = loss / scale
-                else:
-                    with torch.no_grad():
-                        value = self._forward_loss(model, chunk, chunk_items)
-                self._step_losses[g, k] += float(value)
+            base_seed = int(torch.randint(0, 2**62, (1,)))  # this chunk's dropout, from the global stream
+            rng = rng_state(device)
+            with self._dropout.active(base_seed):
+                for k in order:
+                    set_rng_state(rng, device)  # common random numbers: every mask's forward starts alike
+                    self.structure.set_masks(self._step_masks[g, k])
+                    total = total + self._sample_step(model, chunk, chunk_items, g, k, share, len(chunks))
+            set_rng_state(rng, device)
         if self.accelerator.sync_gradients:
             self._structure_step()
         return total
+
+    def _sample_step(self, model, chunk, chunk_items, g: int, k: int, share: float, num_chunks: int):
+        """One mask's forward (and backward for the first weight_grad_samples masks); records its loss."""
+        a = self.args
+        if k >= a.weight_grad_samples:
+            with torch.no_grad():
+                self._step_losses[g, k] += float(self._forward_loss(model, chunk, chunk_items))
+            return 0.0
+        # the weight gradient is the mean over the backpropagated samples, summed over the chunks
+        scale = share / a.weight_grad_samples
+        self._loss_scale = scale
+        sync = contextlib.nullcontext() if g == num_chunks - 1 else self.accelerator.no_sync(model)
+        try:
+            with sync:
+                loss = super().training_step(model, chunk, chunk_items).detach().float()
+        finally:
+            self._loss_scale = 1.0
+        self._step_losses[g, k] += float(loss / scale)
+        return loss
 
     def _importance_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
         """A dense step (every unit kept) whose backward also records each unit's gate derivative."""
@@ -256,8 +352,10 @@ class SparseTrainer(Trainer):
         return float(labels.ne(-100).sum())
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        # scaled only while several masks share one weight gradient (weight_grad_samples > 1)
+        # scaled only while several masks or chunks share one weight gradient
+        self._dropout.new_forward()
         out = super().compute_loss(model, inputs, *args, **kwargs)
+        self._dropout.new_forward()  # a recomputation during backward (checkpointing) counts calls from 0 again
         if self._loss_scale == 1.0:
             return out
         if isinstance(out, tuple):
@@ -289,6 +387,9 @@ class SparseTrainer(Trainer):
             losses = self.accelerator.reduce(losses, reduction="mean")
         losses = losses.to(device)
         masks = self._step_masks.to(device)
+        used = self._step_groups_used.to(device)  # a short last batch fills fewer chunks than mask_groups
+        if not bool(used.all()):
+            losses, masks = losses[used], masks[used]
         scores = self.structure.scores()
         step = self.state.global_step
         if not bool(torch.isfinite(losses).all()):
@@ -310,6 +411,12 @@ class SparseTrainer(Trainer):
         # Projection onto the budget of the step that follows (also when the update was skipped).
         weights = self._costs if a.projection == "weighted" else None
         projected = project_to_budget(self.structure.scores(), self._costs, self.budget_at(step + 1), weights=weights)
+        if not bool(torch.isfinite(projected).all()):
+            raise RuntimeError(
+                f"SparseTrainer: the structure update at step {step} made the keep probabilities non-finite "
+                f"(structure_learning_rate={self.structure_optimizer.param_groups[0]['lr']}); nothing was exported. "
+                "Lower --structure_learning_rate (e.g. 0.1) and train again"
+            )
         self.structure.set_scores(projected)
         self._log_structure(losses, projected, step + 1)
 
@@ -352,8 +459,10 @@ class SparseTrainer(Trainer):
 
     # --- evaluation -----------------------------------------------------------------------------------
     def _set_eval_mask(self):
-        if self.in_importance_warmup():  # (never fixed then: fix_masks_at >= importance_warmup)
-            mask = torch.ones(self.structure.num_units)  # no structure yet: the dense model is what trains
+        if self.in_importance_warmup() or not self._structure_learned():
+            # no structure yet (dense warm-up, or every score still equal, e.g. evaluate() before train()): the
+            # model is the dense model; a top-K of tied scores would be a mask chosen by ties
+            mask = torch.ones(self.structure.num_units)
         elif self.is_fixed() or self.args.eval_mask == "topk":
             mask = self.topk_mask()
         elif self.args.eval_mask == "dense":
@@ -410,6 +519,48 @@ class SparseTrainer(Trainer):
             commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
         )
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the
+        mask evaluation uses (top-K, or dense before any structure is learned). `load_sparse_model(folder)` gives
+        back the trainable sparse model bit for bit; plain `from_pretrained(folder)` the same sparse model with
+        its dropped units as explicit zeros (see `hf_sparse.trainer_checkpoint`)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        masks = self.structure.masks().clone()
+        learned = self._structure_learned() and not self.in_importance_warmup()
+        self.structure.set_masks(self.topk_mask() if learned else torch.ones(self.structure.num_units))
+        try:
+            save_trainer_model(super()._save, model, output_dir, state_dict, self.args.should_save)
+        finally:
+            self.structure.set_masks(masks)  # the step in progress (if any) keeps its own masks
+        if self.args.should_save and _is_peft(model):
+            logger.warning(
+                f"SparseTrainer: {output_dir} holds PEFT adapters and {CONFIG_NAME}; PEFT's own loader puts the "
+                "adapters on the dense base. To use the sparse model, merge with hf_sparse.merge_lora_sparse(model) "
+                "and export it (hf_sparse.export_model)"
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_from_folder(self.accelerator.unwrap_model(model if model is not None else self.model),
+                            resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.state.best_model_checkpoint:
+            restore_from_folder(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # the Trainer copies config and weights from the checkpoint into output_dir, then uploads output_dir:
+        # the sparse config and the dropped values must go with them, or the Hub copy loads as another model
+        if self.is_world_process_zero() and os.path.isdir(checkpoint_folder):
+            import shutil
+
+            for name in sparse_files(checkpoint_folder):
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save and self.structure_optimizer is not None:
@@ -432,7 +583,16 @@ class SparseTrainer(Trainer):
         if not os.path.isfile(path):
             logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}: the structure optimizer starts fresh")
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt: torch raises several kinds
+            raise ValueError(
+                f"{path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). Resume from an earlier "
+                f"checkpoint, or delete {STRUCTURE_STATE_NAME} to resume with a fresh structure optimizer (the "
+                "scores saved in the model weights are kept)"
+            ) from e
+        if not isinstance(state, dict) or "sparse_config" not in state:
+            raise ValueError(f"{path} is not a SparseTrainer structure state; resume from a SparseTrainer checkpoint")
         if state["sparse_config"] != self.sparse_config.to_dict():
             raise ValueError(
                 f"{checkpoint} was trained with SparseConfig {state['sparse_config']}, this run uses "
@@ -454,12 +614,12 @@ def _batch_size(inputs) -> int | None:
 
 
 def _split_batch(inputs: dict[str, Any], groups: int) -> list[dict[str, Any]]:
-    """`groups` chunks along the batch dimension (tensors whose first dimension is the batch size)."""
+    """`groups` chunks (at most one per example) along the batch dimension (tensors whose first dimension is the
+    batch size)."""
     batch = _batch_size(inputs)
-    if groups == 1 or batch is None:
+    if groups == 1 or batch is None or batch == 1:
         return [inputs]
-    if batch < groups:
-        raise ValueError(f"mask_groups={groups} needs at least that many examples per micro-batch, got {batch}")
+    groups = min(groups, batch)  # an epoch's last batch may be smaller: one example per chunk at least
     chunks = [dict() for _ in range(groups)]
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -481,15 +641,5 @@ def _matmul_params(model: nn.Module, structure: SparseStructure) -> tuple[float,
     return max(total, prunable), prunable
 
 
-def _rng_state(device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")

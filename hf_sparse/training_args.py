@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -135,9 +136,9 @@ class SparseTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.structure_learning_rate > 0:
+        if not (self.structure_learning_rate > 0 and math.isfinite(self.structure_learning_rate)):
             raise ValueError(
-                f"structure_learning_rate must be > 0, got {self.structure_learning_rate}; e.g. --structure_learning_rate 0.1"
+                f"structure_learning_rate must be finite and > 0, got {self.structure_learning_rate}; e.g. --structure_learning_rate 0.1"
             )
         for name in ("structure_adam_beta1", "structure_adam_beta2"):
             if not 0 <= getattr(self, name) < 1:

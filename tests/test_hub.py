@@ -145,7 +145,8 @@ class _Upload:
     "arch, export, expected",
     [
         ("bert", "plain", ["README.md", "config.json", "model.safetensors"]),
-        ("bert", "sparse", ["README.md", "config.json", "model.safetensors", "sparse_config.json"]),
+        ("bert", "sparse", ["README.md", "config.json", "hf_sparse_dropped.safetensors", "model.safetensors",
+                            "sparse_config.json"]),
         ("gpt2", "shrink", ["README.md", "config.json", "generation_config.json", "model.safetensors"]),
     ],
 )
