@@ -54,6 +54,13 @@ def put(t: torch.Tensor, dim: int, idx: torch.Tensor, values: torch.Tensor) -> N
         t.index_copy_(dim, idx, values.to(t.dtype))
 
 
+def _fill_zero(t: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+    if dim == -1:
+        t.view(-1).index_fill_(0, idx, 0)
+    else:
+        t.index_fill_(dim, idx, 0)
+
+
 def _zero(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     if dim == -1:
         return t.reshape(-1).index_fill(0, idx, 0).view_as(t)
@@ -105,15 +112,35 @@ class FrozenUnits:
     momentum), a unit kept with probability s would get ~1/s times more decay per useful gradient: a bias
     against uncertain units. Works with any torch optimizer (the Trainer's fused AdamW or one the user
     passes): before the step the dropped slices of each parameter and of every optimizer-state tensor of the
-    parameter's shape are read, after the step they are written back. Adam's shared step counter still
-    advances (its bias correction is per tensor).
+    parameter's shape are read, after the step they are written back (search phase: the computed units change
+    every step). Once the mask is fixed, `settle` zeroes the dropped entries instead, which then stay still at
+    no cost per step. Adam's step counter still advances (it is per tensor).
     """
 
     def __init__(self, model: nn.Module, structure: SparseStructure):
         self.model, self.structure = model, structure
         self.keep: torch.Tensor | None = None  # the units computed in this step (set by the trainer)
+        self.settled: torch.Tensor | None = None  # a fixed mask whose dropped entries are all zero (see settle)
         self._saved: list = []
         self._handles = []
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @torch.no_grad()
+    def settle(self, keep: torch.Tensor) -> None:
+        """For a mask that stays fixed: zero the dropped units' weights and optimizer state once. With a zero
+        gradient, zero state and zero weight every usual optimizer update (SGD, Adam/AdamW with weight decay,
+        Adagrad, RMSprop, Lion, Adafactor) is exactly zero, so the dropped entries stay still at no per-step
+        cost. The model computes the same function (those units are never computed again), and it is what
+        every export writes anyway (zeros explicit)."""
+        for _, param, dim, idx in unit_slices(self.model, self.structure, keep):
+            if not param.requires_grad:
+                continue  # a frozen base (LoRA): no optimizer moves it
+            _fill_zero(param.data, dim, idx)
+            if self.optimizer is not None:
+                for v in self.optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(v) and v.shape == param.shape:
+                        _fill_zero(v, dim, idx)
+        self.settled = keep.clone()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.detach()
@@ -130,7 +157,11 @@ class FrozenUnits:
         self._saved = []
         if self.keep is None or bool((self.keep > 0).all()):
             return
+        if self.settled is not None and torch.equal(self.keep.to(self.settled.device), self.settled):
+            return  # the fixed phase: nothing dropped can move (see settle)
         for _, param, dim, idx in unit_slices(self.model, self.structure, self.keep):
+            if not param.requires_grad:
+                continue
             states = [v for v in optimizer.state.get(param, {}).values()
                       if torch.is_tensor(v) and v.shape == param.shape]
             self._saved.append((param, dim, idx, take(param.data, dim, idx), [(s, take(s, dim, idx)) for s in states]))

@@ -22,6 +22,35 @@ from .training_args import SparseTrainingArguments
 EXPORTS = ("plain", "shrink", "sparse")
 
 
+# local file extension -> (datasets builder, its extra arguments)
+LOCAL_FORMATS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("json", {}),
+                 "jsonl": ("json", {}), "txt": ("text", {})}
+
+
+def load_local_files(train_file: str, validation_file: str | None = None, formats: tuple[str, ...] = ("csv", "tsv", "json", "jsonl")):
+    """`datasets.load_dataset` over local files, with errors that name the flag, the file and the fix (a missing
+    file or an unknown extension ended in a raw traceback from deep inside `datasets`)."""
+    import datasets
+
+    files = {"train": train_file}
+    if validation_file:
+        files["validation"] = validation_file
+    extensions = set()
+    for split, path in files.items():
+        flag = f"--{split if split == 'validation' else 'train'}_file"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+        extension = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+        if extension not in formats:
+            raise ValueError(f"{flag} {path}: files ending in .{extension or '(none)'} are not read; use one of "
+                             f"{', '.join('.' + f for f in formats)}")
+        extensions.add(extension)
+    if len({(LOCAL_FORMATS[e][0], tuple(LOCAL_FORMATS[e][1].items())) for e in extensions}) > 1:
+        raise ValueError(f"--train_file and --validation_file must have the same format, got {sorted(extensions)}")
+    builder, kwargs = LOCAL_FORMATS[extensions.pop()]
+    return datasets.load_dataset(builder, data_files=files, **kwargs)
+
+
 @dataclass
 class RecipeArguments:
     compare_dense: bool = field(default=False, metadata={"help": "Also train the dense model with the same steps and compare."})

@@ -52,6 +52,8 @@ class UnitGroup(nn.Module):
     def set_mask(self, mask: torch.Tensor) -> None:
         if mask.shape != (self.num_units,):
             raise ValueError(f"mask for a group of {self.num_units} units has shape {tuple(mask.shape)}")
+        if torch.equal(self.mask, mask.to(self.mask.device, self.mask.dtype)):
+            return  # the same mask (every fixed-phase step): keep the kept indices and their caches
         self.mask.copy_(mask)
         self._refresh()
 
@@ -206,6 +208,25 @@ def sample_masks(
     return torch.stack(rows[:num_samples]).to(scores.device)
 
 
+def _descending_order(scores: torch.Tensor, group_sizes: list[int] | None) -> torch.Tensor:
+    """Units by descending score; ties by relative position in their group (or by index), then by index."""
+    n, device = scores.numel(), scores.device
+    if group_sizes is None:
+        return torch.argsort(-scores.double(), stable=True)
+    if sum(group_sizes) != n:
+        raise ValueError(f"group_sizes add up to {sum(group_sizes)} units, the scores have {n}")
+    position = torch.cat([(torch.arange(s, dtype=torch.float64) + 0.5) / s for s in group_sizes]).to(device)
+    s32 = scores.float()
+    if bool(((s32 >= 0) & torch.isfinite(s32)).all()) and max(group_sizes) < (1 << 20):
+        # one sort of an int64 key: the bits of a non-negative float32 sort like its value (< 2^31), the
+        # position in its group quantised to 21 bits below them (distinct inside a group of < 2^20 units)
+        bits = s32.view(torch.int32).long()
+        key = (-bits) * (1 << 21) + (position * (1 << 21)).long()
+        return torch.argsort(key, stable=True)
+    by_position = torch.argsort(position, stable=True)
+    return by_position[torch.argsort(-scores.double()[by_position], stable=True)]
+
+
 def topk_mask(
     scores: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int] | None = None
 ) -> torch.Tensor:
@@ -220,14 +241,7 @@ def topk_mask(
     """
     n = scores.numel()
     device = scores.device
-    if group_sizes is not None:
-        if sum(group_sizes) != n:
-            raise ValueError(f"group_sizes add up to {sum(group_sizes)} units, the scores have {n}")
-        position = torch.cat([(torch.arange(s, dtype=torch.float64) + 0.5) / s for s in group_sizes]).to(device)
-        by_position = torch.argsort(position, stable=True)
-    else:
-        by_position = torch.arange(n, device=device)
-    order = by_position[torch.argsort(-scores.detach().double()[by_position], stable=True)]
+    order = _descending_order(scores.detach(), group_sizes)
     c = costs.detach().double().to(device)[order]
     tol = 1e-9 * max(float(budget), 1.0)
     take = torch.zeros(n, dtype=torch.bool, device=device)

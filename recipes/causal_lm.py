@@ -35,7 +35,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 import hf_sparse
 from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.hub import describe_hardware
-from hf_sparse.recipe_utils import RecipeArguments, RecipeTrainingArguments, finish_run, parse_args, run_summary, timed_train
+from hf_sparse.recipe_utils import (RecipeArguments, RecipeTrainingArguments, finish_run, load_local_files, parse_args,
+                                   run_summary, timed_train)
 
 logger = logging.getLogger("causal_lm")
 
@@ -102,11 +103,7 @@ def load_text(data_args: DataArguments):
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         described = data_args.dataset_name
     else:
-        files = {"train": data_args.train_file}
-        if data_args.validation_file:
-            files["validation"] = data_args.validation_file
-        extension = data_args.train_file.rsplit(".", 1)[-1]
-        raw = datasets.load_dataset({"txt": "text", "jsonl": "json"}.get(extension, extension), data_files=files)
+        raw = load_local_files(data_args.train_file, data_args.validation_file, formats=("txt", "csv", "tsv", "json", "jsonl"))
         described = os.path.basename(data_args.train_file)
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=0.05, seed=0)

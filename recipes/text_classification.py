@@ -33,7 +33,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 import hf_sparse
 from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.hub import describe_hardware
-from hf_sparse.recipe_utils import RecipeArguments, RecipeTrainingArguments, finish_run, parse_args, run_summary, timed_train
+from hf_sparse.recipe_utils import (RecipeArguments, RecipeTrainingArguments, finish_run, load_local_files, parse_args,
+                                   run_summary, timed_train)
 
 logger = logging.getLogger("text_classification")
 
@@ -115,11 +116,7 @@ def load_data(data_args: DataArguments, tokenizer):
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         described = data_args.dataset_name
     else:
-        files = {"train": data_args.train_file}
-        if data_args.validation_file:
-            files["validation"] = data_args.validation_file
-        extension = data_args.train_file.rsplit(".", 1)[-1]
-        raw = datasets.load_dataset("json" if extension == "jsonl" else extension, data_files=files)
+        raw = load_local_files(data_args.train_file, data_args.validation_file)
         described = os.path.basename(data_args.train_file)
     eval_split = next((s for s in ("validation", "test") if s in raw), None)
     if eval_split is None:

@@ -115,3 +115,22 @@ def test_recipe_push_to_hub_uploads_export_and_card(tmp_path, monkeypatch):
     recipe.main(argv)
     assert uploaded["repo"] == "me/tiny-clm"
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(uploaded["files"])
+
+
+def test_local_training_files_load_or_fail_naming_the_flag(tmp_path):
+    from hf_sparse.recipe_utils import load_local_files
+
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("text\tlabel\nhello there\t0\ngood bye\t1\n")
+    ds = load_local_files(str(tsv))
+    assert ds["train"].column_names == ["text", "label"] and ds["train"][1]["text"] == "good bye"
+    with pytest.raises(FileNotFoundError, match="--train_file .*missing.csv"):
+        load_local_files(str(tmp_path / "missing.csv"))
+    parquet = tmp_path / "train.parquet"
+    parquet.write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"--train_file .*\.parquet are not read; use one of \.csv, \.tsv"):
+        load_local_files(str(parquet))
+    with pytest.raises(ValueError, match="same format"):
+        csv = tmp_path / "eval.csv"
+        csv.write_text("text,label\na,0\n")
+        load_local_files(str(tsv), str(csv))

@@ -43,12 +43,13 @@ def test_importance_warmup_holds_no_activation_across_steps(tmp_path):
             counts[state.global_step] = live_tensors()
 
     args = make_args(tmp_path, max_steps=12, importance_warmup=0.9, budget_schedule_start=0.0,
-                     budget_schedule_end=0.5, fix_masks_at=0.9)
+                     budget_schedule_end=0.5, fix_masks_at=0.9, logging_steps=100)
     trainer = SparseTrainer(model=tiny_llama(), args=args, sparse_config=SparseConfig(sparsity=0.5),
                             train_dataset=arithmetic_sequences(128), callbacks=[Count()])
     trainer.train()
-    # steps 3..10 are all warm-up steps: the number of live tensors does not grow with the step count
-    assert counts[10] <= counts[3], counts
+    # steps 3..10 are all warm-up steps: the number of live tensors does not grow with the step count (the leak
+    # kept 6 tensors a step alive here; allow 2 for Python's own bookkeeping)
+    assert counts[10] <= counts[3] + 2, counts
 
 
 # --- 1: save_model, checkpoints and push keep the sparse model ------------------------------------------
@@ -414,3 +415,107 @@ def test_a_killed_save_leaves_no_temporary_folder_behind(tmp_path):
     hs.save_sparse_pretrained(model, str(target))
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- 11: a planted structure is found ---------------------------------------------------------------------
+def plant_harmful_neurons(model, fraction=0.25, scale=3.0, seed=0):
+    """Make a fixed `fraction` of each MLP's neurons harmful: when computed, their activation is replaced by noise
+    of a large scale. Returns {group: harmful unit indices}."""
+    g = torch.Generator().manual_seed(seed)
+    harmful = {}
+    for layer in model.model.layers:
+        down = layer.mlp.down_proj
+        group = down.group
+        bad = torch.randperm(group.num_units, generator=g)[: int(fraction * group.num_units)].sort().values
+        harmful[group] = bad
+
+        def pre_hook(module, args, group=group, bad=bad):
+            x = args[0]
+            computed = group.kept if group.gathers else torch.arange(group.num_units)
+            positions = torch.isin(computed, bad).nonzero().squeeze(1)
+            if group.none_kept or positions.numel() == 0:
+                return None
+            x = x.clone()
+            x[..., positions] = scale * torch.randn(x[..., positions].shape)
+            return (x,)
+
+        down.register_forward_pre_hook(pre_hook)
+    return harmful
+
+
+def trained_tiny_llama(steps=150):
+    """The tiny Llama after a short dense fit of the toy task: its loss then depends on what the MLPs compute."""
+    model = tiny_llama()
+    data = arithmetic_sequences(256)
+    ids = torch.tensor(data["input_ids"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = ids[torch.randint(0, ids.shape[0], (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_the_structure_update_drops_planted_harmful_units(tmp_path):
+    """16 of the 64 neurons of each MLP are made harmful (noise of scale 1 where they are computed) and the budget
+    keeps 75%: the 32 harmful units are what should go. A random choice keeps 24 of them (expected), a search
+    with the estimator's sign flipped or the two losses swapped keeps ~all 32; the search keeps at most 8 (it
+    measured 6 here: units that reach a score of 0 or 1 early stay there, the known limit of the plain search)."""
+    model = hs.sparsify_model(trained_tiny_llama(), SparseConfig(sparsity=0.25, granularity=["neuron"]))
+    harmful = plant_harmful_neurons(model, scale=1.0)
+    args = make_args(tmp_path, max_steps=150, learning_rate=0.0, fix_masks_at=1.0, budget_schedule_end=0.5,
+                     structure_learning_rate=0.02, mask_groups=4, logging_steps=50)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=arithmetic_sequences(256))
+    trainer.train()
+    mask = dict(zip(trainer.structure.groups, trainer.structure.split(trainer.topk_mask())))
+    kept_bad = sum(int(mask[g][bad].sum()) for g, bad in harmful.items())
+    bad_scores = torch.cat([g.scores[bad] for g, bad in harmful.items()])
+    good_scores = torch.cat([g.scores[torch.ones(g.num_units, dtype=torch.bool).index_fill(0, bad, False)]
+                             for g, bad in harmful.items()])
+    assert kept_bad <= 8, f"{kept_bad} of 32 harmful units kept (a random choice keeps 24)"
+    assert float(good_scores.mean()) - float(bad_scores.mean()) > 0.3
+
+
+def test_mask_group_chunks_follow_the_trainers_token_count_across_micro_batches(tmp_path):
+    """With gradient accumulation the Trainer normalises by the tokens of the whole step (and, with
+    average_tokens_across_devices, of every rank): the chunks must add up to that, not to a mean of means."""
+    from datasets import Dataset
+
+    rows = arithmetic_sequences(16)
+    ids = rows["input_ids"]
+    labels = [[-100] * (2 + 10 * (i >= 8)) + row[2 + 10 * (i >= 8):] for i, row in enumerate(ids)]  # 2nd half: few
+    data = Dataset.from_dict({"input_ids": ids, "labels": labels})
+    model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5, score_init="budget"))
+    args = make_args(tmp_path, max_steps=1, mask_groups=2, gradient_accumulation_steps=2, per_device_train_batch_size=8,
+                     learning_rate=0.0, max_grad_norm=0.0)
+    args.dataloader_drop_last = True
+    trainer = SparseTrainer(model=model, args=args, train_dataset=data)
+    seen, batches = {}, []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen["grad"] = model.model.layers[1].mlp.down_proj.weight.grad.clone()
+
+    trainer.add_callback(Grab())
+    original = trainer.compute_loss
+
+    def record(model_, inputs, *a, **k):
+        if torch.is_grad_enabled():
+            batches.append({k_: v.clone() for k_, v in inputs.items() if k_ in ("input_ids", "labels")})
+        return original(model_, inputs, *a, **k)
+
+    trainer.compute_loss = record
+    trainer.train()
+    masks = trainer._step_masks
+    structure = hs.SparseStructure(model)
+    total = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+    model.zero_grad()
+    for i, b in enumerate(batches):  # micro-batch, chunk alternate: chunk g = i % 2
+        structure.set_masks(masks[i % 2, 0])
+        out = model(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=total)
+        out.loss.backward()
+    torch.testing.assert_close(seen["grad"], model.model.layers[1].mlp.down_proj.weight.grad, atol=1e-6, rtol=1e-5)
