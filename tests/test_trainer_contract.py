@@ -301,10 +301,20 @@ def test_structure_state_stays_float32_under_any_model_dtype():
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
 
 
+def _classification_data(n=32):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    return Dataset.from_dict({"input_ids": torch.randint(0, 50, (n, 12), generator=g).tolist(),
+                              "labels": torch.randint(0, 2, (n,), generator=g).tolist()})
+
+
 @pytest.mark.parametrize("mode", ["pure", "autocast"])
-def test_bf16_training_keeps_the_loss_difference_in_float32(tmp_path, mode):
-    data = arithmetic_sequences(32)
-    model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5, score_init="budget"))
+@pytest.mark.parametrize("task", ["clm", "cls"])
+def test_bf16_training_keeps_the_loss_difference_in_float32(tmp_path, mode, task):
+    data = arithmetic_sequences(32) if task == "clm" else _classification_data()
+    base = tiny_llama() if task == "clm" else _dropout_bert()
+    model = hs.sparsify_model(base, SparseConfig(sparsity=0.5, score_init="budget"))
     if mode == "pure":
         model.to(torch.bfloat16)
     args = make_args(tmp_path, max_steps=2, fix_masks_at=1.0, bf16=mode == "autocast")
