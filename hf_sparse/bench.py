@@ -7,7 +7,7 @@ AdamW step, zero_grad) after warm-up and reports the median, for:
   fixed     `SparseTrainer` after the mask is fixed (one forward, one backward on the kept units);
   ste       the chain-rule baseline: straight-through top-k scores, `mask * activations`, dense backward
             (what movement pruning does), with the scores in AdamW.
-The bound of each row is the cost model of method.md section 4 with Amdahl's law over the measured
+The bound of each row is the cost model of docs/method.md §6 with Amdahl's law over the measured
 unprunable share u = T(fixed, nothing kept) / T(dense): search 3 / (4 (u + (1 - u) rho)), fixed
 1 / (u + (1 - u) rho), ste 1.
 """
@@ -330,7 +330,7 @@ def format_table(rows: list[StepTiming]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-sparse bench",
-        description="Time dense vs sparse training steps on your model and shapes (method.md section 4 bounds).",
+        description="Time dense vs sparse training steps on your model and shapes (docs/method.md §6 bounds).",
     )
     parser.add_argument("--model", action="append", help=f"one of {MODELS} or a local path / Hub id (repeatable)")
     parser.add_argument("--batch_size", type=int, default=8)

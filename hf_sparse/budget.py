@@ -1,7 +1,7 @@
 """The global budget: exact projection onto the weighted capped simplex, and the cubic schedule.
 
 `project_to_budget` solves  min ||s - z||^2  s.t.  0 <= s <= 1,  sum_u c_u s_u <= K
-(method.md section 2, step 6). Its KKT solution is s = clamp(z - lambda * c, 0, 1) with lambda >= 0
+(docs/method.md §3). Its KKT solution is s = clamp(z - lambda * c, 0, 1) with lambda >= 0
 the root of the monotone function f(lambda) = sum_u c_u clamp(z_u - lambda c_u, 0, 1) - K.
 """
 

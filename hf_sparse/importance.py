@@ -2,7 +2,7 @@
 start of the keep probabilities that `SparseTrainer` builds from it (`importance_warmup`).
 
 Why: in a short fine-tuning budget a two-sample policy gradient over thousands of units starts blind (all
-scores equal); method.md section 6 measured the plain search ending no better than random units at 50%.
+scores equal); the quality study measured the plain search ending no better than random units at 50% (docs/quality.md).
 The backward pass of a dense step already holds, for every unit, the derivative of the loss with respect to
 a gate on that unit, d L / d m_u = sum over tokens of x_u * dL/dx_u at the unit's consumer input (Molchanov
 et al., 2019). Its square, averaged over steps, ranks units by how much removing them would change the loss

@@ -1,4 +1,4 @@
-"""SparseTrainer: the Trainer's AdamW weight update plus the VR-PGE structure update (method.md section 2).
+"""SparseTrainer: the Trainer's AdamW weight update plus the VR-PGE structure update (docs/method.md §2).
 
 One optimizer step, with masks drawn once per step from (seed, step, sample) so that every rank agrees:
   micro-batch i:  mask m1 -> forward + backward (weights);  mask m2.. -> no-grad forward(s), same dropout bits
@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from .budget import cubic_budget, project_to_budget
 from .config import CONFIG_NAME, SparseConfig
+from .distill import Distiller, frozen_copy
 from .dropped import FrozenUnits
 from .estimator import disarm_gradient, vrpge_gradient
 from .importance import TaylorImportance, scores_from_importance
@@ -36,6 +37,7 @@ from .training_args import SparseTrainingArguments
 logger = logging.get_logger(__name__)
 
 STRUCTURE_STATE_NAME = "sparse_structure_state.pt"
+TEACHER_STATE_NAME = "hf_sparse_warmup_teacher.pt"
 
 
 class SparseTrainer(Trainer):
@@ -45,6 +47,7 @@ class SparseTrainer(Trainer):
         model: a model already passed through `sparsify_model`, or a plain model plus `sparse_config`.
         args: [`SparseTrainingArguments`] (plain `TrainingArguments` are converted, with the defaults).
         sparse_config: how to sparsify a plain model (ignored with a warning if the model is sparsified).
+        teacher_model: a teacher for knowledge distillation (`distill_from="model"`, set when it is given).
         Everything else is passed to [`Trainer`].
     """
 
@@ -53,6 +56,7 @@ class SparseTrainer(Trainer):
         model: nn.Module | None = None,
         args: TrainingArguments | None = None,
         sparse_config: SparseConfig | None = None,
+        teacher_model: nn.Module | None = None,
         **kwargs: Any,
     ):
         if model is None:
@@ -79,6 +83,14 @@ class SparseTrainer(Trainer):
                 f"{args.parallel_mode}); on a machine without GPUs pass use_cpu=True (--use_cpu) so they form one "
                 "data-parallel group over gloo"
             )
+        if teacher_model is not None:
+            if args.distill_from == "warmup":
+                raise ValueError("SparseTrainer got a teacher_model and distill_from='warmup'; choose one (drop "
+                                 "teacher_model, or set distill_from='model')")
+            args.distill_from = "model"
+        elif args.distill_from == "model":
+            raise ValueError("distill_from='model' needs SparseTrainer(..., teacher_model=...): e.g. the dense model "
+                             "fine-tuned first")
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every weight is in the graph (gathered or masked)
         super().__init__(model=model, args=args, **kwargs)
@@ -107,6 +119,14 @@ class SparseTrainer(Trainer):
         self._frozen_units = FrozenUnits(model, self.structure)
         self._dropout = SharedDropout(model)
         _upcast_heads(model)
+        self._distiller: Distiller | None = None
+        if args.distill_from != "none":
+            if teacher_model is not None:
+                teacher_model.eval().to(args.device)
+                for p in teacher_model.parameters():
+                    p.requires_grad_(False)
+            self._distiller = Distiller(teacher_model, args.distill_temperature, args.distill_alpha,
+                                        args.distill_hidden_weight)
 
     # --- schedule -------------------------------------------------------------------------------------
     def _fraction_step(self, fraction: float) -> int:
@@ -210,10 +230,16 @@ class SparseTrainer(Trainer):
         return optimizer
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if self._distiller is not None:
+            self._distiller.forget()  # a new micro-batch: its teacher outputs are computed once, on first use
         if self.structure_optimizer is None:
             self._check_run()
             self._create_structure_optimizer()
         step = self.state.global_step
+        if (self._distiller is not None and self._distiller.teacher is None and self.args.distill_from == "warmup"
+                and not self.in_importance_warmup(step)):
+            # the dense weights after the last warm-up update, frozen: the teacher from here on
+            self._distiller.teacher = frozen_copy(self.accelerator.unwrap_model(self.model))
         if self.is_fixed(step):
             if self._step_mask_step != step:  # the fixed top-K mask; scores no longer move
                 if not self._structure_learned():
@@ -227,6 +253,7 @@ class SparseTrainer(Trainer):
                 for g in self.structure:
                     g.fixed.fill_(True)
                 self._frozen_units.keep = mask.clone()
+                self._record_teacher_flops()
                 if self._frozen_units.settled is None or not torch.equal(self._frozen_units.settled, mask):
                     self._frozen_units.settle(mask)
                 self._step_mask_step = step
@@ -251,6 +278,7 @@ class SparseTrainer(Trainer):
             self._step_mask_step = step
             shares = [[self._forward_share(m) for m in group] for group in self._step_masks]
             self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
+            self._record_teacher_flops()
 
         chunks = _split_batch(inputs, groups)  # fewer chunks than groups when the batch is smaller
         if len(chunks) == 1:
@@ -360,10 +388,25 @@ class SparseTrainer(Trainer):
             return float(_batch_size(inputs) or 1)
         return float(labels.ne(-100).sum())
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # scaled only while several masks or chunks share one weight gradient
         self._dropout.new_forward()
-        out = super().compute_loss(model, inputs, *args, **kwargs)
+        distiller = self._distiller
+        if distiller is not None and distiller.teacher is not None and model.training:
+            if distiller.hidden_weight > 0:
+                inputs = dict(inputs, output_hidden_states=True)
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            share = 1.0  # the teacher terms are per-item means: weigh them as the task loss was normalised
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                share = self._count_items(inputs) / max(float(num_items_in_batch), 1e-12)
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    share *= self.accelerator.num_processes
+            loss = distiller.loss(loss, outputs, inputs, share)
+            out = (loss, outputs) if return_outputs else loss
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         self._dropout.new_forward()  # a recomputation during backward (checkpointing) counts calls from 0 again
         if self._loss_scale == 1.0:
             return out
@@ -434,6 +477,11 @@ class SparseTrainer(Trainer):
         """Matmul FLOPs of a forward with this mask relative to dense (the linear layers' parameters as proxy)."""
         kept = float((self._params_per_unit * mask.to(self._params_per_unit.device)).sum())
         return (self._dense_matmul_params - self._prunable_params + kept) / self._dense_matmul_params
+
+    def _record_teacher_flops(self):
+        """A teacher's dense forward per step: 1 of a dense step's 3 units, added to the step just recorded."""
+        if self._distiller is not None and self._distiller.teacher is not None:
+            self._sparse_state["flops_ratio_sum"] += 1.0 / 3.0
 
     def _record_flops(self, step_cost: float):
         self._sparse_state["flops_ratio_sum"] += step_cost / 3.0
@@ -586,6 +634,9 @@ class SparseTrainer(Trainer):
                 },
                 os.path.join(folder, STRUCTURE_STATE_NAME),
             )
+            if self._distiller is not None and self.args.distill_from == "warmup" and self._distiller.teacher is not None:
+                # the warm-up teacher exists nowhere else: a resumed run needs it to go on distilling
+                torch.save(self._distiller.teacher.state_dict(), os.path.join(folder, TEACHER_STATE_NAME))
 
     def _load_structure_state(self, checkpoint: str):
         path = os.path.join(checkpoint, STRUCTURE_STATE_NAME)
@@ -613,6 +664,11 @@ class SparseTrainer(Trainer):
         self.structure.set_scores(state["scores"].to(self.structure.device))
         if self._importance is not None and state.get("importance") is not None:
             self._importance.load_state_dict(state["importance"])
+        teacher_path = os.path.join(checkpoint, TEACHER_STATE_NAME)
+        if self._distiller is not None and self.args.distill_from == "warmup" and os.path.isfile(teacher_path):
+            teacher = frozen_copy(self.accelerator.unwrap_model(self.model))
+            teacher.load_state_dict(torch.load(teacher_path, map_location=self.args.device, weights_only=True))
+            self._distiller.teacher = teacher
 
 
 def _batch_size(inputs) -> int | None:

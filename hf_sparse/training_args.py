@@ -1,4 +1,4 @@
-"""SparseTrainingArguments: TrainingArguments plus the structure search (method.md sections 2 and 3)."""
+"""SparseTrainingArguments: TrainingArguments plus the structure search (docs/method.md §2-§5)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .estimator import SCORE_FUNCTIONS
 ESTIMATORS = ("vrpge", "disarm")
 EVAL_MASKS = ("topk", "sample", "dense")
 PROJECTIONS = ("weighted", "euclidean")
+DISTILL_FROM = ("none", "warmup", "model")
 
 
 @dataclass
@@ -64,8 +65,17 @@ class SparseTrainingArguments(TrainingArguments):
             `"group"`: rank units within their own group (every layer starts near the kept fraction);
             `"global"`: one ranking over the model (early layers' larger derivatives then win).
         projection (`str`, defaults to `"weighted"`):
-            `"euclidean"`: the exact projection of method.md (units with large costs move first);
+            `"euclidean"`: the exact Euclidean projection (docs/method.md §3) (units with large costs move first);
             `"weighted"`: the projection in the metric weighted by unit cost (every unit moves alike).
+
+        > Distillation (`hf_sparse.distill`)
+
+        distill_from (`str`, defaults to `"none"`):
+            `"warmup"`: the model's own dense weights at the end of the importance warm-up are a frozen teacher;
+            `"model"`: the `teacher_model` passed to `SparseTrainer`. The loss of every mask's forward (and so the
+            structure estimator's reward) becomes `(1 - alpha) task + alpha T^2 KL + hidden_weight MSE`.
+        distill_alpha / distill_temperature / distill_hidden_weight (`float`, defaults to `0.5` / `2.0` / `0.0`):
+            the weights and temperature of that loss.
 
         > Evaluation
 
@@ -127,6 +137,20 @@ class SparseTrainingArguments(TrainingArguments):
         metadata={"help": "With importance_warmup: rank units within their own group (layer), so every layer starts "
                           "near the kept fraction, or across the whole model.", "choices": ["group", "global"]},
     )
+    distill_from: str = field(
+        default="none",
+        metadata={"help": "Knowledge distillation: 'none'; 'warmup' (the model's own dense weights at the end of the "
+                          "importance warm-up, frozen, are the teacher: no extra run); 'model' (the teacher_model "
+                          "passed to SparseTrainer, e.g. a dense model fine-tuned first).",
+                  "choices": list(DISTILL_FROM)},
+    )
+    distill_alpha: float = field(
+        default=0.5, metadata={"help": "Weight of the logit KL in (1 - alpha) * task loss + alpha * KL."}
+    )
+    distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the logit KL."})
+    distill_hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the layer-wise hidden-state MSE to the teacher (0: off)."}
+    )
     projection: str = field(
         default="weighted", metadata={"help": "Budget projection metric.", "choices": list(PROJECTIONS)}
     )
@@ -148,6 +172,19 @@ class SparseTrainingArguments(TrainingArguments):
         _choice("projection", self.projection, PROJECTIONS)
         _choice("eval_mask", self.eval_mask, EVAL_MASKS)
         _choice("importance_ranking", self.importance_ranking, ("group", "global"))
+        _choice("distill_from", self.distill_from, DISTILL_FROM)
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ValueError(f"distill_temperature must be finite and > 0, got {self.distill_temperature}")
+        if not (self.distill_hidden_weight >= 0 and math.isfinite(self.distill_hidden_weight)):
+            raise ValueError(f"distill_hidden_weight must be finite and >= 0, got {self.distill_hidden_weight}")
+        if self.distill_from == "warmup" and self.importance_warmup <= 0:
+            raise ValueError(
+                "distill_from='warmup' takes the teacher from the dense weights at the end of the importance warm-up: "
+                "set importance_warmup > 0 (e.g. --importance_warmup 0.2), or pass a teacher_model with "
+                "distill_from='model'"
+            )
         if self.mask_samples < 2 or self.mask_samples > 64:
             raise ValueError(f"mask_samples must be in [2, 64] (each costs a forward pass), got {self.mask_samples}")
         if not 1 <= self.mask_groups <= 64:

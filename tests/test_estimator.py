@@ -154,7 +154,7 @@ def test_disarm_monte_carlo_with_sample_masks(kind):
 
 
 def test_disarm_has_lower_variance_on_the_toy():
-    """Same number of forwards, lower variance (method.md reports 1.4-4x on such a toy); exact second moments."""
+    """Same number of forwards, lower variance (1.4-4x on such a toy, docs/method.md §2); exact second moments."""
     s32 = SCORES.float()
     target = _target("exact")
     var_disarm = torch.zeros(N_UNITS, dtype=torch.float64)
