@@ -19,12 +19,16 @@ from .architectures import BlockSpec, get_architecture, head_geometry
 from .budget import project_to_budget
 from .config import SparseConfig
 from .layers import MaskedWeightLinear, SparseLinear, is_supported_linear, SUPPORTED_LAYER_TYPES
+from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts
+from .shrink import shrink_model
 from .structure import SparseStructure, UnitGroup
+
+__all__ = ["CONFIG_ATTR", "get_sparse_config", "init_scores", "is_sparsified", "sparsify_model", "unit_magnitudes",
+           "unsparsify_model"]
 
 logger = logging.getLogger(__name__)
 
 GROUP_ATTR = {"neuron": "sparse_neurons", "head": "sparse_heads", "weight": "sparse_weights"}
-CONFIG_ATTR = "hf_sparse_config"
 
 
 @dataclass
@@ -33,17 +37,6 @@ class _Swap:
     name: str
     old: nn.Module
     new: nn.Module
-
-
-def is_sparsified(model: nn.Module) -> bool:
-    return any(isinstance(m, UnitGroup) for m in model.modules())
-
-
-def get_sparse_config(model: nn.Module) -> SparseConfig:
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None:
-        raise ValueError("this model is not sparsified: call hf_sparse.sparsify_model(model, config) first")
-    return config
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -56,15 +49,8 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def _lora_parts(module: nn.Module):
-    """(base_layer, lora_A dict, lora_B dict) of a PEFT LoRA layer, else None."""
-    if hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B"):
-        return module.base_layer, module.lora_A, module.lora_B
-    return None
-
-
 def _base(module: nn.Module) -> nn.Module:
-    parts = _lora_parts(module)
+    parts = lora_parts(module)
     return parts[0] if parts else module
 
 
@@ -83,7 +69,7 @@ def _weight_shape(module: nn.Module) -> tuple[int, int]:
 def _layer_swaps(member_module: nn.Module, member_parent: nn.Module, member_name: str, make: Callable) -> list[_Swap]:
     """The swaps that make one member sparse: the layer itself, or inside a LoRA layer its base layer and
     the adapter matrix that touches the units (lora_B for producers, lora_A for consumers)."""
-    parts = _lora_parts(member_module)
+    parts = lora_parts(member_module)
     if parts is None:
         return [_Swap(member_parent, member_name, member_module, make(member_module, adapter=False))]
     base, lora_a, lora_b = parts
@@ -180,11 +166,11 @@ def _build_weight_groups(model, config, spec, candidates):
     for name, module in model.named_modules():
         if isinstance(module, (UnitGroup, SparseLinear)):
             continue
-        if not (is_supported_linear(module) or _lora_parts(module) is not None):
+        if not (is_supported_linear(module) or lora_parts(module) is not None):
             continue
         if any(isinstance(p, SparseLinear) for p in module.children()):
             continue
-        if _lora_parts(module) is None and _is_inside_lora(model, name):
+        if lora_parts(module) is None and _is_inside_lora(model, name):
             continue
         candidates.append(name)
         if not wanted(name):
@@ -198,7 +184,7 @@ def _build_weight_groups(model, config, spec, candidates):
         group.to(device=base.weight.device)
         parent_path, _, child = name.rpartition(".")
         parent = _get(model, parent_path)
-        if _lora_parts(module) is not None:
+        if lora_parts(module) is not None:
             swaps = [_Swap(module, "base_layer", base, MaskedWeightLinear.from_linear(base, group))]
             owner_name, owner = name, module
         else:
@@ -213,7 +199,7 @@ def _is_inside_lora(model, name: str) -> bool:
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = _get(model, ".".join(parts[:i]))
-        if _lora_parts(parent) is not None:
+        if lora_parts(parent) is not None:
             return True
     return False
 
@@ -317,7 +303,7 @@ def _refuse_unsupported(model: nn.Module) -> None:
                 f"gathered layers do not compute. hf_sparse supports {SUPPORTED_PEFT}"
             )
     for mname, module in model.named_modules():
-        parts = _lora_parts(module)
+        parts = lora_parts(module)
         if parts is not None and not is_supported_linear(parts[0]):
             raise ValueError(
                 f"{mname}: LoRA on a {type(parts[0]).__name__} base layer (quantized or custom): hf_sparse supports "
@@ -381,8 +367,6 @@ def unsparsify_model(model: nn.Module, shrink: bool = False) -> nn.Module:
     if not is_sparsified(model):
         raise ValueError("this model is not sparsified; there is nothing to undo")
     if shrink:
-        from .export import shrink_model  # physical removal lives with the export code
-
         return shrink_model(model)
     for parent, name, layer in list(_swapped_layers(model)):
         setattr(parent, name, layer.to_linear(zero_dropped=True))

@@ -322,13 +322,13 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "_save_config_files", boom)
+    monkeypatch.setattr(export, "save_config_files", boom)
     with pytest.raises(OSError, match="disk full"):
         hs.save_sparse_pretrained(model, tmp_path / "ckpt")
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     hs.save_sparse_pretrained(model, tmp_path / "ckpt")
-    monkeypatch.setattr(export, "_save_config_files", boom)
+    monkeypatch.setattr(export, "save_config_files", boom)
     with pytest.raises(OSError, match="disk full"):  # the old checkpoint survives a failed re-save
         hs.save_sparse_pretrained(model, tmp_path / "ckpt")
     assert os.listdir(tmp_path) == ["ckpt"]

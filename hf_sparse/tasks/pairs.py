@@ -8,6 +8,8 @@ segments that need the encoder's grasp of English (dialogue flow, clause order),
   the very same words, so any bag-of-words model of the pair is at chance by construction.
 - ``word_swap``: is a verse line as written, or were two adjacent (different) words swapped? Again the same
   bag of words either way: only word order, i.e. syntax, decides it (``text_pair`` is empty).
+- ``word_replace``: is a verse line as written, or was one word replaced by a word drawn from the same play
+  (which keeps the play's word frequencies)? Only how the words fit together decides it.
 
 Train and test split by play (the genre task's test plays), one example per seeded draw, classes balanced.
 Why these: the study needs tasks on which a good structure and a random one differ (the genre task is solved,
@@ -22,9 +24,9 @@ from typing import Sequence
 
 from ..data import DEFAULT_TEST_PLAYS, PLAYS, play_speeches
 
-PAIR_TASKS = ("next_speech", "line_order", "word_swap")
+PAIR_TASKS = ("next_speech", "line_order", "word_swap", "word_replace")
 LABELS = {"next_speech": ["not next", "next"], "line_order": ["swapped", "in order"],
-          "word_swap": ["two words swapped", "as written"]}
+          "word_swap": ["two words swapped", "as written"], "word_replace": ["a word replaced", "as written"]}
 
 
 def _head(text: str, words: int) -> str:
@@ -78,7 +80,31 @@ def _word_swap_pairs(key: str, words: int, rng: random.Random) -> list[tuple[str
     return rows
 
 
-_BUILDERS = {"next_speech": _next_speech_pairs, "line_order": _line_order_pairs, "word_swap": _word_swap_pairs}
+def _word_replace_pairs(key: str, words: int, rng: random.Random) -> list[tuple[str, str, int]]:
+    """One verse line: as written, or with one word replaced by a word drawn from the whole play (so the
+    replacement follows the play's own word frequencies: no single word gives the corruption away)."""
+    lines = [line.split()[:words] for speech in play_speeches(key) for line in speech.split("\n")]
+    vocabulary = [w for line in lines for w in line]
+    rows = []
+    for w in lines:
+        if len(w) < 6:
+            continue
+        if rng.random() < 0.5:
+            rows.append((" ".join(w), "", 1))
+            continue
+        w = list(w)
+        i = rng.randrange(len(w))
+        new = rng.choice(vocabulary)
+        if new.lower() == w[i].lower():
+            continue
+        w[i] = new
+        rows.append((" ".join(w), "", 0))
+    return rows
+
+
+_BUILDERS = {"next_speech": _next_speech_pairs, "line_order": _line_order_pairs, "word_swap": _word_swap_pairs,
+             "word_replace": _word_replace_pairs}
+_SINGLE = ("word_swap", "word_replace")  # one segment: text_pair is empty
 
 
 def load_pair_task(
@@ -128,7 +154,7 @@ def load_pair_task(
     dsd = datasets.DatasetDict(out)
     if tokenizer is not None:
         def encode(b):
-            if task == "word_swap":
+            if task in _SINGLE:
                 return tokenizer(b["text"], truncation=True, max_length=max_length)
             return tokenizer(b["text"], b["text_pair"], truncation=True, max_length=max_length)
 

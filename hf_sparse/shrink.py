@@ -1,0 +1,253 @@
+"""Physical removal of dropped neurons and heads (`shrink_model`) and its inverse for loading (`apply_shapes`).
+
+Per-layer sizes go into `config.hf_sparse_shapes` (config.json), and `load_sparse_model` rebuilds them. An
+attention module with no head left becomes `NoHeadsAttention`; a GPT-2 `Conv1D` with no input, `ZeroInputConv1D`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import Conv1D, MaskedWeightLinear, SparseLinear
+from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts, parent_module
+from .structure import SparseStructure, unit_rows
+
+SHAPES_KEY = "hf_sparse_shapes"  # the attribute of the Transformers config (a field of config.json)
+SHAPES_VERSION = 1
+
+
+class ZeroInputConv1D(Conv1D):
+    """A GPT-2 `Conv1D` with no input features (every consumed unit removed): its output is the bias.
+    `Conv1D.forward` reshapes with `view(-1, 0)`, which torch rejects for an empty tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
+
+
+class NoHeadsAttention(nn.Module):
+    """Stands in for an attention module whose heads were all removed: the attention adds nothing, so its
+    output is the output projection's bias (or, where the projection lives outside, an empty tensor that the
+    outer output layer turns into its bias). It keeps the original submodules (zero-sized), so state-dict
+    keys do not change, and hands an empty key/value to the cache so the cache length stays right."""
+
+    def __init__(self, original: nn.Module, consumer: str | None, head_dim: int):
+        super().__init__()
+        for name, value in vars(original).items():  # layer_idx, is_causal, config, ...: read by some callers
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.consumer = consumer
+        self.removed_head_dim = head_dim
+        self.original_class = type(original).__name__
+
+    def extra_repr(self) -> str:
+        return f"no heads left (was {self.original_class})"
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        x = hidden_states if hidden_states is not None else args[0]
+        lead = x.shape[:-1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        layer_idx = getattr(self, "layer_idx", None)
+        if cache is not None and hasattr(cache, "update") and layer_idx is not None and x.dim() == 3:
+            empty = x.new_zeros(x.shape[0], 0, x.shape[1], self.removed_head_dim)
+            with contextlib.suppress(Exception):  # a cache that cannot hold zero heads just stays unused
+                cache.update(empty, empty.clone(), layer_idx)
+        if self.consumer is None:
+            return x.new_zeros(*lead, 0), None
+        layer = self.get_submodule(self.consumer)
+        out_features = layer.nf if isinstance(layer, Conv1D) else layer.out_features
+        out = x.new_zeros(*lead, out_features)
+        if getattr(layer, "bias", None) is not None:
+            out = out + layer.bias.to(x.dtype)
+        return out, None
+
+
+def _new_layer(transposed: bool, in_features: int, out_features: int, bias: bool, device="meta") -> nn.Module:
+    """A Linear / Conv1D of the given shape whose parameters are assigned after (on `device`, meta by default)."""
+    with torch.device(device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        if not transposed:
+            return nn.Linear(in_features, out_features, bias=bias)
+        cls = ZeroInputConv1D if in_features == 0 else Conv1D
+        return cls(out_features, in_features)
+
+
+def _shrunk_layer(layer: SparseLinear, kept: torch.Tensor) -> nn.Module:
+    if layer.role == "out":
+        idx = unit_rows(kept, layer.width, layer.segments, layer.segment_size)
+        in_f, out_f = layer.in_features, int(idx.numel())
+    else:
+        idx = unit_rows(kept, layer.width, 1, 0)
+        in_f, out_f = int(idx.numel()), layer.out_features
+    new = _new_layer(layer.transposed, in_f, out_f, layer.bias is not None)
+    dim = (1 if layer.transposed else 0) if layer.role == "out" else (0 if layer.transposed else 1)
+    w = layer.weight.detach().index_select(dim, idx.to(layer.weight.device)).clone()
+    new.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
+    if layer.bias is not None:
+        b = layer.bias.detach()
+        b = b.index_select(0, idx.to(b.device)).clone() if layer.role == "out" else b.clone()
+        new.bias = nn.Parameter(b, requires_grad=layer.bias.requires_grad)
+    elif not layer.transposed:
+        new.bias = None
+    return new
+
+
+def _head_counts(kept_units: int, width_of_group: int, head_dim: int) -> dict[str, int]:
+    """Head-count attributes an attention module may keep (set only where the module has them)."""
+    query_heads = kept_units * (width_of_group // head_dim)
+    return {"num_heads": query_heads, "num_attention_heads": query_heads, "num_key_value_heads": kept_units,
+            "all_head_size": query_heads * head_dim}
+
+
+@torch.no_grad()
+def shrink_model(model: nn.Module) -> nn.Module:
+    """Physically remove the dropped neurons and heads (by the current mask: call `fix_masks` first).
+
+    Returns the model (changed in place) with plain `nn.Linear` / `Conv1D` layers of the kept sizes and the
+    attention modules' head counts adjusted. The per-layer sizes are stored in `model.config.hf_sparse_shapes`,
+    so `model.save_pretrained(path)` writes them to config.json and `hf_sparse.load_sparse_model(path)`
+    rebuilds the model (plain `from_pretrained` would see the dense sizes and refuse the weights).
+    """
+    if not is_sparsified(model):
+        raise ValueError("shrink_model needs a sparsified model: call hf_sparse.sparsify_model(model, config) first")
+    config = get_sparse_config(model)
+    if config.uses_weights:
+        raise ValueError(
+            "element-wise (granularity='weight') sparsity cannot be removed physically; export it with "
+            "hf_sparse.unsparsify_model(model) (dropped weights zeroed) instead"
+        )
+    names = {id(m): n for n, m in model.named_modules()}
+    members: dict[int, list[tuple[str, SparseLinear]]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedWeightLinear) or not isinstance(module, SparseLinear):
+            continue
+        if _is_lora_member(model, name):
+            raise ValueError(
+                f"{name} belongs to a PEFT LoRA layer; merge the adapters first with "
+                "hf_sparse.merge_lora_sparse(model, shrink=True)"
+            )
+        members[id(module.group)].append((name, module))
+    structure = SparseStructure(model)
+    model_config = getattr(model, "config", None)
+    if model_config is None:
+        raise ValueError("shrink_model needs a Transformers model (with a .config to store the layer sizes in)")
+    # a model shrunk before (and sparsified again) keeps the sizes of the layers this round leaves alone
+    shapes = copy.deepcopy(getattr(model_config, SHAPES_KEY, None)) or {}
+    shapes = {"version": SHAPES_VERSION, "modules": {}, "attributes": {}, "no_heads": {}, **shapes}
+    plan = []  # compute everything first, then swap
+    for group_name, group in zip(structure.names, structure.groups):
+        kept = group.mask.nonzero().squeeze(1)
+        layers = members[id(group)]
+        if not layers:
+            raise ValueError(f"unit group {group_name} has no layers")
+        new_layers = [(name, layer, _shrunk_layer(layer, kept)) for name, layer in layers]
+        attrs: dict[str, dict[str, int]] = defaultdict(dict)
+        no_heads = None
+        if group.kind == "head":
+            out_layers = [(n, l) for n, l in layers if l.role == "out"]
+            in_layers = [(n, l) for n, l in layers if l.role == "in"]
+            for module, attr, width in group._head_attrs:
+                attrs[names[id(module)]][attr] = int(kept.numel()) * width
+            # the module that reshapes into heads: the parent of the producers (q/k/v or c_attn)
+            attn_name = out_layers[0][0].rpartition(".")[0]
+            attn = model.get_submodule(attn_name)
+            head_dim = _head_dim(attn, model_config)
+            group_width = max(l.width for _, l in out_layers)
+            for attr, value in _head_counts(int(kept.numel()), group_width, head_dim).items():
+                if attr in vars(attn) and attr not in attrs[attn_name] and isinstance(vars(attn)[attr], int):
+                    attrs[attn_name][attr] = value
+            if kept.numel() == 0:
+                consumer = in_layers[0][0]
+                inside = consumer.startswith(attn_name + ".")
+                no_heads = (attn_name, consumer[len(attn_name) + 1:] if inside else None, head_dim)
+        plan.append((group_name, group, new_layers, attrs, no_heads))
+
+    for group_name, group, new_layers, attrs, no_heads in plan:
+        for name, layer, new in new_layers:
+            parent, child = parent_module(model, name)
+            setattr(parent, child, new)
+            shapes["modules"][name] = {"in_features": _in_features(new), "out_features": _out_features(new)}
+        group._head_attrs = []  # the attributes now follow the kept sizes, not the dense ones
+        for module_name, values in attrs.items():
+            module = model.get_submodule(module_name)
+            for attr, value in values.items():
+                setattr(module, attr, value)
+            shapes["attributes"].setdefault(module_name, {}).update(values)
+        if no_heads is not None:
+            attn_name, consumer, head_dim = no_heads
+            parent, child = parent_module(model, attn_name)
+            setattr(parent, child, NoHeadsAttention(model.get_submodule(attn_name), consumer, head_dim))
+            shapes["no_heads"][attn_name] = {"consumer": consumer, "head_dim": head_dim}
+        owner, attr = parent_module(model, group_name)
+        delattr(owner, attr)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    setattr(model_config, SHAPES_KEY, shapes)
+    return model
+
+
+def _head_dim(attn: nn.Module, model_config) -> int:
+    for attr in ("head_dim", "attention_head_size"):
+        value = vars(attn).get(attr)
+        if isinstance(value, int):
+            return value
+    from .architectures import head_geometry
+
+    return head_geometry(model_config).head_dim
+
+
+def _in_features(layer: nn.Module) -> int:
+    return layer.nx if isinstance(layer, Conv1D) else layer.in_features
+
+
+def _out_features(layer: nn.Module) -> int:
+    return layer.nf if isinstance(layer, Conv1D) else layer.out_features
+
+
+def _is_lora_member(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if lora_parts(model.get_submodule(".".join(parts[:i]))) is not None:
+            return True
+    return False
+
+
+def apply_shapes(model: nn.Module, shapes: dict[str, Any]) -> nn.Module:
+    """Resize a freshly built dense model to the per-layer sizes of a shrunk export (in place; the new layers'
+    values are whatever their constructor gives until a state dict is loaded)."""
+    if not isinstance(shapes, dict) or shapes.get("version") != SHAPES_VERSION:
+        raise ValueError(
+            f"config.{SHAPES_KEY} is malformed or of an unknown version (expected version {SHAPES_VERSION}): "
+            f"{str(shapes)[:200]}"
+        )
+    try:
+        for name, size in shapes["modules"].items():
+            old = model.get_submodule(name)
+            transposed = isinstance(old, Conv1D)
+            if not (transposed or type(old) is nn.Linear):
+                raise ValueError(f"{name} is a {type(old).__name__}, expected nn.Linear or Conv1D")
+            parent, child = parent_module(model, name)
+            new = _new_layer(transposed, int(size["in_features"]), int(size["out_features"]), old.bias is not None,
+                             device=old.weight.device)  # real tensors: the model may be sparsified before loading
+            setattr(parent, child, new.to(old.weight.dtype))
+        for name, values in shapes["attributes"].items():
+            module = model.get_submodule(name)
+            for attr, value in values.items():
+                setattr(module, attr, value)
+        for name, spec in shapes["no_heads"].items():
+            parent, child = parent_module(model, name)
+            setattr(parent, child, NoHeadsAttention(model.get_submodule(name), spec["consumer"], int(spec["head_dim"])))
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"config.{SHAPES_KEY} does not fit this model ({type(e).__name__}: {e}); was the export made from "
+            "another architecture?"
+        ) from e
+    return model
