@@ -31,7 +31,7 @@ def measure(model_name: str, batch: int, seq: int, kept: float, phase: str, repe
     args = SparseTrainingArguments(
         output_dir=tempfile.mkdtemp(), report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=True,
         learning_rate=1e-5, weight_decay=0.01, max_grad_norm=0.0, budget_schedule_start=0.0, budget_schedule_end=0.0,
-        fix_masks_at=0.0 if phase == "fixed" else 1.0, structure_learning_rate=1e-3,
+        fix_masks_at=0.0 if phase == "fixed" else 1.0, structure_learning_rate=1e-3, importance_warmup=0.0,
     )
     trainer = SparseTrainer(model=model, args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)

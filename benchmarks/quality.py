@@ -515,7 +515,7 @@ def execute(spec: RunSpec, task, out_tmp: str) -> dict[str, Any]:
             score_init = "budget"  # irrelevant to the baselines: they never read the keep probabilities
             config = SparseConfig(sparsity=spec.sparsity, compute=compute, score_init=score_init)
             hf_sparse.sparsify_model(model, config)
-            args = SparseTrainingArguments(**common, **schedule)
+            args = SparseTrainingArguments(**common, **schedule, importance_warmup=0.0)  # no informed start
             if spec.method == "random":
                 structure = SparseStructure(model)
                 structure.set_masks(random_units_mask(structure, spec.sparsity, spec.seed))

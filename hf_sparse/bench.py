@@ -135,7 +135,8 @@ def _args(output_dir: str, device: torch.device, bf16: bool, **kw):
 
     return SparseTrainingArguments(
         output_dir=output_dir, report_to=[], disable_tqdm=True, save_strategy="no", learning_rate=1e-5,
-        use_cpu=device.type == "cpu", bf16=bf16, max_grad_norm=0.0, structure_learning_rate=1e-9, **kw,
+        use_cpu=device.type == "cpu", bf16=bf16, max_grad_norm=0.0, structure_learning_rate=1e-9,
+        **{"importance_warmup": 0.0, **kw},  # the rows time the search and the fixed step themselves
     )
 
 

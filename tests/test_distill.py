@@ -7,6 +7,7 @@ from transformers import TrainerCallback
 
 import hf_sparse as hs
 from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
+from hf_sparse.training_args import PAPER_SCHEDULE
 from hf_sparse.distill import logit_kl
 from trainer_helpers import arithmetic_sequences, tiny_llama
 
@@ -15,6 +16,7 @@ def make_args(tmp_path, **kw):
     defaults = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
                     logging_steps=3, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
                     fix_masks_at=0.5, budget_schedule_end=0.0)
+    defaults = {**PAPER_SCHEDULE, **defaults}  # these tests exercise the search: the paper's schedule
     defaults.update(kw)
     return SparseTrainingArguments(**defaults)
 

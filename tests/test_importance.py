@@ -131,7 +131,7 @@ def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path
     [(dict(importance_warmup=1.0), "importance_warmup"), (dict(importance_warmup=-0.1), "importance_warmup"),
      (dict(importance_band=0.0), "importance_band"), (dict(importance_ranking="layer"), "importance_ranking"),
      (dict(importance_explore=1.0), "importance_explore"),
-     (dict(importance_warmup=0.3, budget_schedule_end=0.0, fix_masks_at=0.2), "importance_warmup=0.3"),
+     (dict(importance_warmup=0.3, budget_schedule_start=0.0, budget_schedule_end=0.0, fix_masks_at=0.2), "importance_warmup=0.3"),
      (dict(importance_warmup=0.1, budget_schedule_end=0.5), "budget_schedule_end")],
 )
 def test_importance_arguments_are_checked(tmp_path, bad, field):

@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 import hf_sparse as hs
 from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
+from hf_sparse.training_args import PAPER_SCHEDULE
 from trainer_helpers import arithmetic_sequences, tiny_llama
 
 
@@ -16,7 +17,7 @@ def test_lora_on_sparse_base(tmp_path):
     before = {n: p.detach().clone() for n, p in list(model.named_parameters()) + list(model.named_buffers())}
     args = SparseTrainingArguments(
         output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=5e-3, report_to=[],
-        save_strategy="no", disable_tqdm=True, use_cpu=True, logging_steps=10,
+        save_strategy="no", disable_tqdm=True, use_cpu=True, logging_steps=10, **PAPER_SCHEDULE,
     )
     trainer = SparseTrainer(model=model, args=args, train_dataset=arithmetic_sequences(128))
     trainer.train()
