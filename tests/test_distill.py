@@ -6,19 +6,14 @@ import torch
 from transformers import TrainerCallback
 
 import hf_sparse as hs
-from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
-from hf_sparse.training_args import PAPER_SCHEDULE
+from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.distill import logit_kl
-from trainer_helpers import arithmetic_sequences, tiny_llama
+from trainer_helpers import arithmetic_sequences, search_args, tiny_llama
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
-                    logging_steps=3, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
-                    fix_masks_at=0.5, budget_schedule_end=0.0)
-    defaults = {**PAPER_SCHEDULE, **defaults}  # these tests exercise the search: the paper's schedule
-    defaults.update(kw)
-    return SparseTrainingArguments(**defaults)
+    return search_args(tmp_path, **{"max_steps": 6, "logging_steps": 3, "fix_masks_at": 0.5, "budget_schedule_end": 0.0,
+                                    **kw})
 
 
 def test_teacher_runs_once_per_micro_batch_and_every_mask_sees_the_same_teacher(tmp_path):

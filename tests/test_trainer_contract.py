@@ -12,19 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import hf_sparse as hs
-from hf_sparse import SparseConfig, SparseTrainer, SparseTrainingArguments
-from hf_sparse.training_args import PAPER_SCHEDULE
-from trainer_helpers import arithmetic_sequences, tiny_llama
+from hf_sparse import SparseConfig, SparseTrainer
+from trainer_helpers import arithmetic_sequences, search_args, tiny_llama
 
 
 def make_args(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, learning_rate=3e-3,
-        logging_steps=5, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
-    )
-    defaults = {**PAPER_SCHEDULE, **defaults}  # these tests exercise the search: the paper's schedule
-    defaults.update(kw)
-    return SparseTrainingArguments(**defaults)
+    return search_args(tmp_path, **{"max_steps": 10, "logging_steps": 5, **kw})
 
 
 def batch_of(data, n=8):

@@ -26,3 +26,18 @@ def arithmetic_sequences(n: int = 512, length: int = 16, vocab: int = 64, seed: 
         ids = [(start + step * j) % vocab for j in range(length)]
         rows.append({"input_ids": ids, "labels": ids})
     return Dataset.from_list(rows)
+
+
+def search_args(tmp_path, **kw):
+    """SparseTrainingArguments for the trainer tests: the paper's schedule (these tests exercise the search),
+    quiet, on the CPU, no checkpoints; `kw` overrides anything."""
+    from hf_sparse import SparseTrainingArguments
+    from hf_sparse.training_args import PAPER_SCHEDULE
+
+    defaults = dict(
+        output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=10, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
+        **PAPER_SCHEDULE,
+    )
+    defaults.update(kw)
+    return SparseTrainingArguments(**defaults)
