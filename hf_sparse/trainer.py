@@ -199,13 +199,6 @@ class SparseTrainer(Trainer):
         if self._importance is not None and self._fraction_step(a.importance_warmup) == 0:
             logger.info(f"SparseTrainer: importance_warmup={a.importance_warmup} of {self.state.max_steps} steps rounds "
                         "to 0 steps; the informed start warms up for 1 step")
-        if self.is_fixed(0) and not self._structure_learned() and not self.in_importance_warmup(0):
-            raise ValueError(
-                f"fix_masks_at={a.fix_masks_at} fixes the mask at step 0, before any structure is learned: every score "
-                "is equal and the mask would be chosen by ties. Set fix_masks_at after the search "
-                "(e.g. --fix_masks_at 0.8), start from an informed guess (importance_warmup, or "
-                "SparseConfig(score_init='magnitude')), or fix a mask yourself with hf_sparse.fix_masks first"
-            )
 
     def _check_backend(self) -> None:
         """DeepSpeed steps its engine inside `backward` when gradients sync: a second backward (weight_grad_samples
@@ -244,9 +237,11 @@ class SparseTrainer(Trainer):
             if self._step_mask_step != step:  # the fixed top-K mask; scores no longer move
                 if not self._structure_learned():
                     raise ValueError(
-                        f"fix_masks_at={self.args.fix_masks_at}: at step {step} every score is still equal (the "
-                        "structure update never moved them), so the fixed mask would be chosen by ties. Check "
-                        "structure_learning_rate, or set fix_masks_at later"
+                        f"fix_masks_at={self.args.fix_masks_at} fixes the mask at step {step}, but every score is "
+                        "still equal (nothing learned yet), so the mask would be chosen by ties. Set fix_masks_at "
+                        "after the search (e.g. --fix_masks_at 0.8), start from an informed guess "
+                        "(importance_warmup, or SparseConfig(score_init='magnitude')), check "
+                        "structure_learning_rate, or fix a mask yourself with hf_sparse.fix_masks first"
                     )
                 mask = self.topk_mask()
                 self.structure.set_masks(mask)

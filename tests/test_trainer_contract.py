@@ -122,11 +122,8 @@ def test_push_from_checkpoint_uploads_the_sparse_config(tmp_path, monkeypatch):
                      budget_schedule_end=0.5)
     trainer = SparseTrainer(model=tiny_llama(), args=args, sparse_config=SparseConfig(sparsity=0.5),
                             train_dataset=arithmetic_sequences(32))
-    trainer.args.push_to_hub = True  # set after construction: no repo is created
     trainer.hub_model_id = "me/x"
     trainer.push_in_progress = None
-    trainer._push_from_checkpoint(str(tmp_path / "nonexistent"))  # nothing saved yet: no sparse config
-    trainer.args.push_to_hub = False
     trainer.train()
     trainer.args.push_to_hub = True
     trainer._push_from_checkpoint(str(tmp_path / "checkpoint-4"))
