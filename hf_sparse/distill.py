@@ -105,3 +105,27 @@ class Distiller:
             hidden = outputs["hidden_states"] if isinstance(outputs, dict) else outputs.hidden_states
             loss = loss + self.hidden_weight * share * hidden_mse(hidden, teacher.hidden_states, inputs.get("attention_mask"))
         return loss
+
+
+def check_teacher(args, teacher_model: nn.Module | None) -> None:
+    """A passed teacher means `distill_from="model"`; refuse the two settings that contradict each other."""
+    if teacher_model is not None:
+        if args.distill_from == "warmup":
+            raise ValueError("SparseTrainer got a teacher_model and distill_from='warmup'; choose one (drop "
+                             "teacher_model, or set distill_from='model')")
+        args.distill_from = "model"
+    elif args.distill_from == "model":
+        raise ValueError("distill_from='model' needs SparseTrainer(..., teacher_model=...): e.g. the dense model "
+                         "fine-tuned first")
+
+
+def distiller_from_args(args, teacher_model: nn.Module | None) -> Distiller | None:
+    """The `Distiller` the arguments ask for (None without distillation); a passed teacher is frozen on the
+    training device. The warm-up teacher is set later, when the warm-up ends."""
+    if args.distill_from == "none":
+        return None
+    if teacher_model is not None:
+        teacher_model.eval().to(args.device)
+        for p in teacher_model.parameters():
+            p.requires_grad_(False)
+    return Distiller(teacher_model, args.distill_temperature, args.distill_alpha, args.distill_hidden_weight)

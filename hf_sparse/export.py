@@ -26,15 +26,27 @@ from torch import nn
 
 from .config import CONFIG_NAME, SparseConfig
 from .dropped import split_dropped
-from .folders import (WEIGHTS_INDEX_NAME, WEIGHTS_NAME, assign_state, atomic_folder, build_empty, check_target,
-                      load_config, read_weights, resolve_class, save_config_files, write_safetensors)
+from .folders import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    assign_state,
+    atomic_folder,
+    build_empty,
+    check_target,
+    load_config,
+    read_weights,
+    resolve_class,
+    restore_from_folder,
+    save_config_files,
+    write_dropped,
+    write_safetensors,
+)
 from .lora_merge import merge_lora_sparse
 from .masks import FIX_METHODS, fix_masks, masks_fixed
 from .model_state import CONFIG_ATTR, contains_lora, get_sparse_config, is_sparsified
 from .patching import sparsify_model, unsparsify_model
 from .shrink import SHAPES_KEY, SHAPES_VERSION, NoHeadsAttention, ZeroInputConv1D, apply_shapes, shrink_model
 from .structure import SparseStructure
-from .trainer_checkpoint import restore_from_folder, write_dropped
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME
-from .dropped import DROPPED_WEIGHTS_NAME
+from .dropped import DROPPED_WEIGHTS_NAME, restore_dropped
 from .model_state import parent_module
 
 logger = logging.getLogger("hf_sparse.export")
@@ -295,3 +295,36 @@ def save_config_files(model: nn.Module, folder: str) -> None:
     can_generate = getattr(model, "can_generate", None)
     if generation_config is not None and callable(can_generate) and can_generate():
         generation_config.save_pretrained(folder)
+
+
+def write_dropped(folder: str, dropped: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path = os.path.join(folder, DROPPED_WEIGHTS_NAME)
+    if dropped:
+        save_file({k: v.detach().cpu().contiguous() for k, v in dropped.items()}, path,
+                  metadata={"format": "pt", "hf_sparse": "dropped units' weights, restored by load_sparse_model"})
+    elif os.path.exists(path):
+        os.remove(path)  # a folder saved over must not keep another mask's dropped values
+
+
+def read_dropped(folder: str) -> dict[str, torch.Tensor] | None:
+    path = os.path.join(folder, DROPPED_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt or truncated and cannot be read ({e}); re-save the model") from e
+
+
+def restore_from_folder(model: nn.Module, folder: str) -> bool:
+    """Put back the dropped entries saved in `folder` (after its masks were loaded); False if it has none."""
+    dropped = read_dropped(folder)
+    if dropped is None:
+        return False
+    restore_dropped(model, dropped, os.path.join(folder, DROPPED_WEIGHTS_NAME))
+    return True

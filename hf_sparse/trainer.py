@@ -21,26 +21,25 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .batches import count_items, split_batch
 from .budget import cubic_budget, project_to_budget
-from .config import CONFIG_NAME, SparseConfig
-from .distill import Distiller, frozen_copy
+from .config import SparseConfig
+from .distill import Distiller, check_teacher, distiller_from_args, frozen_copy
 from .dropped import FrozenUnits
 from .estimator import disarm_gradient, vrpge_gradient
 from .importance import TaylorImportance, scores_from_importance
-from .layers import SparseLinear, is_supported_linear
 from .patching import get_sparse_config, is_sparsified, sparsify_model
+from .precision import upcast_heads
 from .shared_dropout import SharedDropout, rng_state, set_rng_state
 from .structure import SparseStructure, sample_masks
-from .trainer_checkpoint import restore_from_folder, save_trainer_model, sparse_files
+from .trainer_checkpoint import CheckpointMixin
+from .trainer_metrics import MetricsMixin, matmul_params
 from .training_args import SparseTrainingArguments
 
 logger = logging.get_logger(__name__)
 
-STRUCTURE_STATE_NAME = "sparse_structure_state.pt"
-TEACHER_STATE_NAME = "hf_sparse_warmup_teacher.pt"
 
-
-class SparseTrainer(Trainer):
+class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
     """A [`Trainer`] that learns which neurons and heads to keep while it trains the weights.
 
     Args:
@@ -83,14 +82,7 @@ class SparseTrainer(Trainer):
                 f"{args.parallel_mode}); on a machine without GPUs pass use_cpu=True (--use_cpu) so they form one "
                 "data-parallel group over gloo"
             )
-        if teacher_model is not None:
-            if args.distill_from == "warmup":
-                raise ValueError("SparseTrainer got a teacher_model and distill_from='warmup'; choose one (drop "
-                                 "teacher_model, or set distill_from='model')")
-            args.distill_from = "model"
-        elif args.distill_from == "model":
-            raise ValueError("distill_from='model' needs SparseTrainer(..., teacher_model=...): e.g. the dense model "
-                             "fine-tuned first")
+        check_teacher(args, teacher_model)
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every weight is in the graph (gathered or masked)
         super().__init__(model=model, args=args, **kwargs)
@@ -99,7 +91,7 @@ class SparseTrainer(Trainer):
         self._total_budget = float(self._costs.double().sum())
         self._target_budget = (1.0 - self.sparse_config.sparsity) * self._total_budget
         self._params_per_unit = self.structure.params_per_unit()
-        self._dense_matmul_params, self._prunable_params = _matmul_params(model, self.structure)
+        self._dense_matmul_params, self._prunable_params = matmul_params(model, self.structure)
         # A model whose mask was frozen by `fix_masks` (e.g. reloaded to train on) stays on that mask.
         self._fixed_from_start = all(bool(g.fixed) for g in self.structure)
         self._initial_mask = self.structure.masks().clone()
@@ -118,15 +110,8 @@ class SparseTrainer(Trainer):
         # units not computed in a step keep their weights and optimizer state (attached in create_optimizer)
         self._frozen_units = FrozenUnits(model, self.structure)
         self._dropout = SharedDropout(model)
-        _upcast_heads(model)
-        self._distiller: Distiller | None = None
-        if args.distill_from != "none":
-            if teacher_model is not None:
-                teacher_model.eval().to(args.device)
-                for p in teacher_model.parameters():
-                    p.requires_grad_(False)
-            self._distiller = Distiller(teacher_model, args.distill_temperature, args.distill_alpha,
-                                        args.distill_hidden_weight)
+        upcast_heads(model)
+        self._distiller: Distiller | None = distiller_from_args(args, teacher_model)
 
     # --- schedule -------------------------------------------------------------------------------------
     def _fraction_step(self, fraction: float) -> int:
@@ -152,9 +137,11 @@ class SparseTrainer(Trainer):
 
     def is_fixed(self, step: int | None = None) -> bool:
         step = self.state.global_step if step is None else step
-        return self._fixed_from_start or (
-            self.args.fix_masks_at < 1.0 and step >= self._fraction_step(self.args.fix_masks_at)
-        )
+        if self._fixed_from_start:
+            return True
+        # never before the informed start: a warm-up rounded up to one step moves the fixing with it
+        fix_step = max(self._fraction_step(self.args.fix_masks_at), self.importance_warmup_steps())
+        return self.args.fix_masks_at < 1.0 and step >= fix_step
 
     def topk_mask(self) -> torch.Tensor:
         """The deterministic mask: top-K scores filling the target budget (or the mask frozen before training)."""
@@ -275,7 +262,7 @@ class SparseTrainer(Trainer):
             self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
             self._record_teacher_flops()
 
-        chunks = _split_batch(inputs, groups)  # fewer chunks than groups when the batch is smaller
+        chunks = split_batch(inputs, groups)  # fewer chunks than groups when the batch is smaller
         if len(chunks) == 1:
             shares, chunk_items = [1.0], num_items_in_batch  # exactly the Trainer's own step
         else:
@@ -286,7 +273,7 @@ class SparseTrainer(Trainer):
             # micro-batches and, with average_tokens_across_devices, over every rank), the share is taken against
             # that count, scaled as the Trainer scales it, and the Trainer's division by the accumulation steps
             # is undone (the count already spans them).
-            counts = [self._count_items(c) for c in chunks]
+            counts = [count_items(c, self._shifts_labels()) for c in chunks]
             if num_items_in_batch is not None:
                 scale = self.current_gradient_accumulation_steps
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -318,6 +305,12 @@ class SparseTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._structure_step()
         return total
+
+    def weight_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """One forward and backward on the masks as they are set now, with no structure update: the plain
+        `Trainer.training_step`. A pruning method that chooses its masks itself (see benchmarks/study) sets them
+        with `structure.set_masks` and calls this."""
+        return Trainer.training_step(self, model, inputs, num_items_in_batch)
 
     def _sample_step(self, model, chunk, chunk_items, g: int, k: int, share: float, num_chunks: int):
         """One mask's forward (and backward for the first weight_grad_samples masks); records its loss."""
@@ -370,18 +363,8 @@ class SparseTrainer(Trainer):
             f"dropped, the rest uncertain"
         )
 
-    def _count_items(self, inputs: dict[str, Any]) -> float:
-        """What the loss averages over, counted like `Trainer._get_num_items_in_batch` counts (examples without
-        labels). Not that method itself: it counts only for models that take num_items_in_batch and sums over
-        every rank, and a chunk's share needs the local count for every model."""
-        labels = inputs.get("shift_labels")
-        if labels is None and isinstance(inputs.get("labels"), torch.Tensor):
-            labels = inputs["labels"]
-            if labels.dim() > 1 and getattr(self, "_loss_shifts_labels", False):
-                labels = labels[..., 1:]
-        if labels is None:
-            return float(_batch_size(inputs) or 1)
-        return float(labels.ne(-100).sum())
+    def _shifts_labels(self) -> bool:
+        return bool(getattr(self, "_loss_shifts_labels", False))  # set by the Trainer for causal-LM losses
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # scaled only while several masks or chunks share one weight gradient
@@ -394,7 +377,7 @@ class SparseTrainer(Trainer):
                                                  num_items_in_batch=num_items_in_batch)
             share = 1.0  # the teacher terms are per-item means: weigh them as the task loss was normalised
             if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                share = self._count_items(inputs) / max(float(num_items_in_batch), 1e-12)
+                share = count_items(inputs, self._shifts_labels()) / max(float(num_items_in_batch), 1e-12)
                 if self.args.average_tokens_across_devices and self.args.world_size > 1:
                     share *= self.accelerator.num_processes
             loss = distiller.loss(loss, outputs, inputs, share)
@@ -467,48 +450,6 @@ class SparseTrainer(Trainer):
         self.structure.set_scores(projected)
         self._log_structure(losses, projected, step + 1)
 
-    # --- metrics --------------------------------------------------------------------------------------
-    def _forward_share(self, mask: torch.Tensor) -> float:
-        """Matmul FLOPs of a forward with this mask relative to dense (the linear layers' parameters as proxy)."""
-        kept = float((self._params_per_unit * mask.to(self._params_per_unit.device)).sum())
-        return (self._dense_matmul_params - self._prunable_params + kept) / self._dense_matmul_params
-
-    def _record_teacher_flops(self):
-        """A teacher's dense forward per step: 1 of a dense step's 3 units, added to the step just recorded."""
-        if self._distiller is not None and self._distiller.teacher is not None:
-            self._sparse_state["flops_ratio_sum"] += 1.0 / 3.0
-
-    def _record_flops(self, step_cost: float):
-        self._sparse_state["flops_ratio_sum"] += step_cost / 3.0
-        self._sparse_state["steps"] += 1
-
-    def _add_metric(self, name: str, value: float):
-        self._metrics.setdefault(name, []).append(float(value))
-
-    def _log_structure(self, losses: torch.Tensor, scores: torch.Tensor, next_step: int):
-        self._add_metric("sparse/loss_diff", float((losses[:, 0] - losses[:, 1]).mean()))
-        s = scores.double().clamp(1e-12, 1 - 1e-12)
-        entropy = -(s * s.log() + (1 - s) * (1 - s).log())
-        self._add_metric("sparse/mask_entropy", float(entropy.mean()))
-        self._add_metric("sparse/scores_at_0", float((scores <= 0).double().mean()))
-        self._add_metric("sparse/scores_at_1", float((scores >= 1).double().mean()))
-        self._add_metric("sparse/budget", self.budget_at(next_step) / self._total_budget)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the structure metrics averaged since the last one
-            for name, values in self._metrics.items():
-                if values:
-                    logs[name] = sum(values) / len(values)
-            self._metrics = {}
-            scores = self.structure.scores().double()
-            kept_topk = float((self._costs.double() * self.topk_mask().double()).sum())
-            logs["sparse/sparsity"] = 1.0 - kept_topk / self._total_budget
-            logs["sparse/expected_sparsity"] = 1.0 - float((self._costs.double() * scores).sum()) / self._total_budget
-            logs["sparse/train_flops_vs_dense"] = self._sparse_state["flops_ratio_sum"] / max(self._sparse_state["steps"], 1)
-            logs["sparse/skipped_updates"] = self._sparse_state["skipped_updates"]
-            logs["sparse/fixed"] = float(self.is_fixed())
-        super().log(logs, start_time)
-
     # --- evaluation -----------------------------------------------------------------------------------
     def _set_eval_mask(self):
         if self.in_importance_warmup() or not self._structure_learned():
@@ -547,181 +488,3 @@ class SparseTrainer(Trainer):
         self.structure.set_masks(self.topk_mask())
         self._step_mask_step = -1
         return output
-
-    def push_to_hub(
-        self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
-        revision: str | None = None, export: str = "plain", **card_kwargs,
-    ):
-        """Export the trained sparse model (`export`: "plain", "shrink" or "sparse"), render its model card
-        (sparsity per layer, these training arguments, `card_kwargs` such as eval_results or speed) and upload
-        both to `args.hub_model_id` (default: the output folder's name). Unlike `Trainer.push_to_hub` it
-        uploads the export, not the checkpoint folder. Offline it raises `HubOfflineError` naming the folder."""
-        from .export import fix_masks, masks_fixed
-        from .hub import push_sparse_to_hub
-
-        if not self.is_world_process_zero():
-            return None
-        model = self.accelerator.unwrap_model(self.model)
-        if not masks_fixed(model):
-            fix_masks(model)
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        card_kwargs.setdefault("training_args", self.args)
-        return push_sparse_to_hub(
-            model, repo_id, export=export, token=token or self.args.hub_token, private=self.args.hub_private_repo,
-            commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
-        )
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the
-        mask evaluation uses (top-K, or dense before any structure is learned). `load_sparse_model(folder)` gives
-        back the trainable sparse model bit for bit; plain `from_pretrained(folder)` the same sparse model with
-        its dropped units as explicit zeros (see `hf_sparse.trainer_checkpoint`)."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        masks = self.structure.masks().clone()
-        learned = self._structure_learned() and not self.in_importance_warmup()
-        self.structure.set_masks(self.topk_mask() if learned else torch.ones(self.structure.num_units))
-        try:
-            save_trainer_model(super()._save, model, output_dir, state_dict, self.args.should_save)
-        finally:
-            self.structure.set_masks(masks)  # the step in progress (if any) keeps its own masks
-        if self.args.should_save and _is_peft(model):
-            logger.warning(
-                f"SparseTrainer: {output_dir} holds PEFT adapters and {CONFIG_NAME}; PEFT's own loader puts the "
-                "adapters on the dense base. To use the sparse model, merge with hf_sparse.merge_lora_sparse(model) "
-                "and export it (hf_sparse.export_model)"
-            )
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restore_from_folder(self.accelerator.unwrap_model(model if model is not None else self.model),
-                            resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        if self.state.best_model_checkpoint:
-            restore_from_folder(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # the Trainer copies config and weights from the checkpoint into output_dir, then uploads output_dir:
-        # the sparse config and the dropped values must go with them, or the Hub copy loads as another model
-        if self.is_world_process_zero() and os.path.isdir(checkpoint_folder):
-            import shutil
-
-            for name in sparse_files(checkpoint_folder):
-                os.makedirs(self.args.output_dir, exist_ok=True)
-                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save and self.structure_optimizer is not None:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(
-                {
-                    "structure_optimizer": self.structure_optimizer.state_dict(),
-                    "sparse_state": dict(self._sparse_state),
-                    "scores": self.structure.scores().cpu(),
-                    "importance": self._importance.state_dict() if self._importance is not None else None,
-                    "sparse_config": self.sparse_config.to_dict(),
-                },
-                os.path.join(folder, STRUCTURE_STATE_NAME),
-            )
-            if self._distiller is not None and self.args.distill_from == "warmup" and self._distiller.teacher is not None:
-                # the warm-up teacher exists nowhere else: a resumed run needs it to go on distilling
-                torch.save(self._distiller.teacher.state_dict(), os.path.join(folder, TEACHER_STATE_NAME))
-
-    def _load_structure_state(self, checkpoint: str):
-        path = os.path.join(checkpoint, STRUCTURE_STATE_NAME)
-        if not os.path.isfile(path):
-            logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}: the structure optimizer starts fresh")
-            return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or corrupt: torch raises several kinds
-            raise ValueError(
-                f"{path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). Resume from an earlier "
-                f"checkpoint, or delete {STRUCTURE_STATE_NAME} to resume with a fresh structure optimizer (the "
-                "scores saved in the model weights are kept)"
-            ) from e
-        if not isinstance(state, dict) or "sparse_config" not in state:
-            raise ValueError(f"{path} is not a SparseTrainer structure state; resume from a SparseTrainer checkpoint")
-        if state["sparse_config"] != self.sparse_config.to_dict():
-            raise ValueError(
-                f"{checkpoint} was trained with SparseConfig {state['sparse_config']}, this run uses "
-                f"{self.sparse_config.to_dict()}; resume with the same config"
-            )
-        self.structure_optimizer.load_state_dict(state["structure_optimizer"])
-        self._sparse_state.update(state["sparse_state"])
-        # the model weights file holds the scores too; this copy guards against a weights-only reload
-        self.structure.set_scores(state["scores"].to(self.structure.device))
-        if self._importance is not None and state.get("importance") is not None:
-            self._importance.load_state_dict(state["importance"])
-        teacher_path = os.path.join(checkpoint, TEACHER_STATE_NAME)
-        if self._distiller is not None and self.args.distill_from == "warmup" and os.path.isfile(teacher_path):
-            teacher = frozen_copy(self.accelerator.unwrap_model(self.model))
-            teacher.load_state_dict(torch.load(teacher_path, map_location=self.args.device, weights_only=True))
-            self._distiller.teacher = teacher
-
-
-def _batch_size(inputs) -> int | None:
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    return None
-
-
-def _split_batch(inputs: dict[str, Any], groups: int) -> list[dict[str, Any]]:
-    """`groups` chunks (at most one per example) along the batch dimension (tensors whose first dimension is the
-    batch size)."""
-    batch = _batch_size(inputs)
-    if groups == 1 or batch is None or batch == 1:
-        return [inputs]
-    groups = min(groups, batch)  # an epoch's last batch may be smaller: one example per chunk at least
-    chunks = [dict() for _ in range(groups)]
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            for chunk, part in zip(chunks, torch.tensor_split(value, groups)):
-                chunk[key] = part
-        else:
-            for chunk in chunks:
-                chunk[key] = value
-    return chunks
-
-
-def _matmul_params(model: nn.Module, structure: SparseStructure) -> tuple[float, float]:
-    """(all matmul weights of the model, the prunable ones): the FLOPs proxy of the logs."""
-    total = 0.0
-    for m in model.modules():
-        if isinstance(m, SparseLinear) or is_supported_linear(m):
-            total += m.weight.numel()
-    prunable = float(structure.params_per_unit().double().sum())
-    return max(total, prunable), prunable
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "base_model")
-
-
-def _upcast_heads(model: nn.Module) -> None:
-    """Logits in float32 under a bf16/fp16 model: a loss taken on half-precision logits (BERT's sequence
-    classification computes it in the logits' dtype) rounds to ~3 significant digits, and the difference of two
-    masks' losses, all the structure update sees, drowns in that rounding. Causal-LM losses upcast already."""
-    heads = []
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if isinstance(out, nn.Module):
-        heads.append(out)
-    heads += [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("classifier", "score", "qa_outputs")]
-    for head in {id(h): h for h in heads}.values():
-        if not getattr(head, "_hf_sparse_upcast", False):
-            head.register_forward_hook(_to_float32)
-            head._hf_sparse_upcast = True
-
-
-def _to_float32(module, args, output):
-    if torch.is_tensor(output) and output.dtype in (torch.float16, torch.bfloat16):
-        return output.float()
-    return None

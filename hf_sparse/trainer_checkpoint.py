@@ -4,7 +4,11 @@ A folder written by a Trainer path is a sparse checkpoint: `model.safetensors` w
 as explicit zeros (so plain `from_pretrained` computes exactly the sparse model), the scores and masks,
 `sparse_config.json` (so `load_sparse_model` rebuilds the trainable sparse model), and, when some units are
 dropped, `hf_sparse_dropped.safetensors` with the dropped entries' real values (so resuming, or training on
-after `load_sparse_model`, continues from the same weights bit for bit).
+after `load_sparse_model`, continues from the same weights bit for bit). A checkpoint folder also holds the
+structure optimizer, the scores and the importance (`sparse_structure_state.pt`) and, with the warm-up teacher,
+that teacher's weights: a resumed run goes on exactly.
+
+`CheckpointMixin` is the part of `SparseTrainer` that writes and reads these folders.
 """
 
 from __future__ import annotations
@@ -13,43 +17,18 @@ import os
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .config import CONFIG_NAME
-from .dropped import DROPPED_WEIGHTS_NAME, restore_dropped, split_dropped
-from .patching import get_sparse_config, is_sparsified
+from .distill import frozen_copy
+from .dropped import DROPPED_WEIGHTS_NAME, split_dropped
+from .folders import restore_from_folder, write_dropped
+from .model_state import get_sparse_config, is_sparsified
 
+logger = logging.get_logger(__name__)
 
-def write_dropped(folder: str, dropped: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    path = os.path.join(folder, DROPPED_WEIGHTS_NAME)
-    if dropped:
-        save_file({k: v.detach().cpu().contiguous() for k, v in dropped.items()}, path,
-                  metadata={"format": "pt", "hf_sparse": "dropped units' weights, restored by load_sparse_model"})
-    elif os.path.exists(path):
-        os.remove(path)  # a folder saved over must not keep another mask's dropped values
-
-
-def read_dropped(folder: str) -> dict[str, torch.Tensor] | None:
-    path = os.path.join(folder, DROPPED_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        return None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} is corrupt or truncated and cannot be read ({e}); re-save the model") from e
-
-
-def restore_from_folder(model: nn.Module, folder: str) -> bool:
-    """Put back the dropped entries saved in `folder` (after its masks were loaded); False if it has none."""
-    dropped = read_dropped(folder)
-    if dropped is None:
-        return False
-    restore_dropped(model, dropped, os.path.join(folder, DROPPED_WEIGHTS_NAME))
-    return True
+STRUCTURE_STATE_NAME = "sparse_structure_state.pt"
+TEACHER_STATE_NAME = "hf_sparse_warmup_teacher.pt"
 
 
 def save_trainer_model(save, model: nn.Module, output_dir: str, state_dict: dict | None, should_save: bool) -> None:
@@ -71,3 +50,128 @@ def save_trainer_model(save, model: nn.Module, output_dir: str, state_dict: dict
 def sparse_files(folder: str) -> list[str]:
     """The hf_sparse files of a saved folder that must travel with its model files."""
     return [name for name in (CONFIG_NAME, DROPPED_WEIGHTS_NAME) if os.path.isfile(os.path.join(folder, name))]
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+class CheckpointMixin:
+    """`SparseTrainer`'s save, load and push paths (a mixin before `Trainer` in its bases)."""
+
+    def push_to_hub(
+        self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+        revision: str | None = None, export: str = "plain", **card_kwargs,
+    ):
+        """Export the trained sparse model (`export`: "plain", "shrink" or "sparse"), render its model card
+        (sparsity per layer, these training arguments, `card_kwargs` such as eval_results or speed) and upload
+        both to `args.hub_model_id` (default: the output folder's name). Unlike `Trainer.push_to_hub` it
+        uploads the export, not the checkpoint folder. Offline it raises `HubOfflineError` naming the folder."""
+        from .export import fix_masks, masks_fixed
+        from .hub import push_sparse_to_hub
+
+        if not self.is_world_process_zero():
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        if not masks_fixed(model):
+            fix_masks(model)
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        card_kwargs.setdefault("training_args", self.args)
+        return push_sparse_to_hub(
+            model, repo_id, export=export, token=token or self.args.hub_token, private=self.args.hub_private_repo,
+            commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the
+        mask evaluation uses (top-K, or dense before any structure is learned). `load_sparse_model(folder)` gives
+        back the trainable sparse model bit for bit; plain `from_pretrained(folder)` the same sparse model with
+        its dropped units as explicit zeros (see `hf_sparse.trainer_checkpoint`)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        masks = self.structure.masks().clone()
+        learned = self._structure_learned() and not self.in_importance_warmup()
+        self.structure.set_masks(self.topk_mask() if learned else torch.ones(self.structure.num_units))
+        try:
+            save_trainer_model(super()._save, model, output_dir, state_dict, self.args.should_save)
+        finally:
+            self.structure.set_masks(masks)  # the step in progress (if any) keeps its own masks
+        if self.args.should_save and is_peft(model):
+            logger.warning(
+                f"SparseTrainer: {output_dir} holds PEFT adapters and {CONFIG_NAME}; PEFT's own loader puts the "
+                "adapters on the dense base. To use the sparse model, merge with hf_sparse.merge_lora_sparse(model) "
+                "and export it (hf_sparse.export_model)"
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_from_folder(self.accelerator.unwrap_model(model if model is not None else self.model),
+                            resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.state.best_model_checkpoint:
+            restore_from_folder(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # the Trainer copies config and weights from the checkpoint into output_dir, then uploads output_dir:
+        # the sparse config and the dropped values must go with them, or the Hub copy loads as another model
+        if self.is_world_process_zero() and os.path.isdir(checkpoint_folder):
+            import shutil
+
+            for name in sparse_files(checkpoint_folder):
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.structure_optimizer is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(
+                {
+                    "structure_optimizer": self.structure_optimizer.state_dict(),
+                    "sparse_state": dict(self._sparse_state),
+                    "scores": self.structure.scores().cpu(),
+                    "importance": self._importance.state_dict() if self._importance is not None else None,
+                    "sparse_config": self.sparse_config.to_dict(),
+                },
+                os.path.join(folder, STRUCTURE_STATE_NAME),
+            )
+            if self._distiller is not None and self.args.distill_from == "warmup" and self._distiller.teacher is not None:
+                # the warm-up teacher exists nowhere else: a resumed run needs it to go on distilling
+                torch.save(self._distiller.teacher.state_dict(), os.path.join(folder, TEACHER_STATE_NAME))
+
+    def _load_structure_state(self, checkpoint: str):
+        path = os.path.join(checkpoint, STRUCTURE_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}: the structure optimizer starts fresh")
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt: torch raises several kinds
+            raise ValueError(
+                f"{path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). Resume from an earlier "
+                f"checkpoint, or delete {STRUCTURE_STATE_NAME} to resume with a fresh structure optimizer (the "
+                "scores saved in the model weights are kept)"
+            ) from e
+        if not isinstance(state, dict) or "sparse_config" not in state:
+            raise ValueError(f"{path} is not a SparseTrainer structure state; resume from a SparseTrainer checkpoint")
+        if state["sparse_config"] != self.sparse_config.to_dict():
+            raise ValueError(
+                f"{checkpoint} was trained with SparseConfig {state['sparse_config']}, this run uses "
+                f"{self.sparse_config.to_dict()}; resume with the same config"
+            )
+        self.structure_optimizer.load_state_dict(state["structure_optimizer"])
+        self._sparse_state.update(state["sparse_state"])
+        # the model weights file holds the scores too; this copy guards against a weights-only reload
+        self.structure.set_scores(state["scores"].to(self.structure.device))
+        if self._importance is not None and state.get("importance") is not None:
+            self._importance.load_state_dict(state["importance"])
+        teacher_path = os.path.join(checkpoint, TEACHER_STATE_NAME)
+        if self._distiller is not None and self.args.distill_from == "warmup" and os.path.isfile(teacher_path):
+            teacher = frozen_copy(self.accelerator.unwrap_model(self.model))
+            teacher.load_state_dict(torch.load(teacher_path, map_location=self.args.device, weights_only=True))
+            self._distiller.teacher = teacher
