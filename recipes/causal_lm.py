@@ -96,9 +96,9 @@ def load_text(data_args: DataArguments):
     import datasets
 
     if data_args.dataset_name is None and data_args.train_file is None:
-        from hf_sparse import data as embedded
+        from hf_sparse import tasks as embedded
 
-        return embedded.load_lm_corpus(), "Shakespeare plays (hf_sparse.data; Twelfth Night, Henry V, Hamlet held out)"
+        return embedded.load_lm_corpus(), "Shakespeare plays (hf_sparse.tasks; Twelfth Night, Henry V, Hamlet held out)"
     if data_args.dataset_name is not None:
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         described = data_args.dataset_name
@@ -121,7 +121,7 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_warning()
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the export ourselves, at the end
     set_seed(training_args.seed)
-    from hf_sparse import data as embedded
+    from hf_sparse import tasks as embedded
 
     raw, described = load_text(data_args)
     from_scratch = model_args.model_name_or_path is None

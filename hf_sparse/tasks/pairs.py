@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from ..data import DEFAULT_TEST_PLAYS, PLAYS, play_speeches
+from .plays import DEFAULT_TEST_PLAYS, PLAYS, play_speeches
 
 PAIR_TASKS = ("next_speech", "line_order", "word_swap", "word_replace")
 LABELS = {"next_speech": ["not next", "next"], "line_order": ["swapped", "in order"],
@@ -128,7 +128,7 @@ def load_pair_task(
     test = tuple(DEFAULT_TEST_PLAYS if test_plays is None else test_plays)
     unknown = sorted(set(test) - {p.key for p in PLAYS})
     if unknown:
-        raise ValueError(f"unknown test plays {unknown}; choose from hf_sparse.data.PLAYS")
+        raise ValueError(f"unknown test plays {unknown}; choose from hf_sparse.tasks.PLAYS")
     splits = {"train": [p.key for p in PLAYS if p.key not in test], "test": list(test)}
     out = {}
     for name, keys in splits.items():
