@@ -17,6 +17,13 @@ ROLES = ("out", "in")
 #   "1": one (an MLP neuron); "head": head_dim (a key/value head);
 #   "group": query heads per key/value group * head_dim (the query side of one GQA group).
 WIDTHS = ("1", "head", "group")
+# What an attention module's head-count attributes count, for `shrink_model` to rewrite them to the kept sizes:
+#   "query_heads": query heads kept; "kv_heads": key/value heads kept; "query_width": query heads kept * head_dim.
+SHRINK_COUNTS = ("query_heads", "kv_heads", "query_width")
+# The attribute names Transformers' attention modules use (each rewritten only where the module has it as an int).
+DEFAULT_SHRINK_ATTRS = (("num_heads", "query_heads"), ("num_attention_heads", "query_heads"),
+                        ("num_key_value_heads", "kv_heads"), ("all_head_size", "query_width"))
+DEFAULT_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")  # where an attention module keeps its head size
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class BlockSpec:
     # Attributes of the attention module (path from the block, value = kept units * width) that its
     # forward uses to reshape; they must follow the number of computed heads under gather compute.
     head_attrs: tuple[tuple[str, str], ...] = ()
+    # Attention only: the attributes `shrink_model` sets to the kept counts, and where the head size is read.
+    shrink_attrs: tuple[tuple[str, str], ...] = DEFAULT_SHRINK_ATTRS
+    head_dim_attrs: tuple[str, ...] = DEFAULT_HEAD_DIM_ATTRS
 
     def matches(self, name: str) -> bool:
         return re.search(rf"(^|\.){self.anchor}$", name) is not None
@@ -43,6 +53,7 @@ class BlockSpec:
 class ArchitectureSpec:
     mlp: BlockSpec | None = None
     attention: BlockSpec | None = None
+    decoder: bool = False  # a causal-LM family: the benchmarks build it with AutoModelForCausalLM
     notes: str = field(default="", compare=False)
 
     def blocks(self) -> dict[str, BlockSpec]:
@@ -54,8 +65,9 @@ class ArchitectureSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ArchitectureSpec":
         """`{"mlp": {"anchor": ..., "members": [{"path", "role", "width", "segments"}]}, "attention": {...,
-        "head_attrs": [["num_heads", "1"]]}}`; either block may be missing."""
-        unknown = sorted(set(data) - {"mlp", "attention", "notes"})
+        "head_attrs": [["num_heads", "1"]], "shrink_attrs": [["n_heads", "query_heads"]], "head_dim_attrs":
+        ["head_size"]}, "decoder": true}`; either block may be missing."""
+        unknown = sorted(set(data) - {"mlp", "attention", "decoder", "notes"})
         if unknown:
             raise ValueError(f"SparseConfig.architecture has unknown keys {unknown}; expected 'mlp' and/or 'attention'")
         blocks = {}
@@ -69,6 +81,8 @@ class ArchitectureSpec:
                     anchor=block["anchor"],
                     members=members,
                     head_attrs=tuple(tuple(a) for a in block.get("head_attrs", ())),
+                    shrink_attrs=tuple(tuple(a) for a in block.get("shrink_attrs", DEFAULT_SHRINK_ATTRS)),
+                    head_dim_attrs=tuple(block.get("head_dim_attrs", DEFAULT_HEAD_DIM_ATTRS)),
                 )
             except (KeyError, TypeError) as e:
                 raise ValueError(f"SparseConfig.architecture[{key!r}] is malformed ({e}); see ArchitectureSpec.from_dict") from e
@@ -78,12 +92,16 @@ class ArchitectureSpec:
                         f"SparseConfig.architecture[{key!r}] member {m}: role must be in {ROLES}, width in {WIDTHS}, "
                         "segments >= 1"
                     )
+            bad = [a for a in spec.shrink_attrs if len(a) != 2 or a[1] not in SHRINK_COUNTS]
+            if bad:
+                raise ValueError(f"SparseConfig.architecture[{key!r}] shrink_attrs {bad}: each is [attribute, count] "
+                                 f"with count in {SHRINK_COUNTS}")
             if not any(m.role == "out" for m in members) or not any(m.role == "in" for m in members):
                 raise ValueError(f"SparseConfig.architecture[{key!r}] needs at least one 'out' and one 'in' member")
             blocks[key] = spec
         if not blocks:
             raise ValueError("SparseConfig.architecture defines neither 'mlp' nor 'attention'")
-        return cls(**blocks, notes=data.get("notes", ""))
+        return cls(**blocks, decoder=bool(data.get("decoder", False)), notes=data.get("notes", ""))
 
 
 def _plain_mlp(anchor: str, up: tuple[str, ...], down: str) -> BlockSpec:
@@ -107,11 +125,13 @@ _GPT2 = ArchitectureSpec(
         (Member("c_attn", "out", "head", segments=3), Member("c_proj", "in", "head")),
         head_attrs=(("split_size", "head"), ("num_heads", "1")),
     ),
+    decoder=True,
     notes="GPT-2: Conv1D layers, fused c_attn split by split_size",
 )
 _LLAMA = ArchitectureSpec(
     mlp=_plain_mlp(r"layers\.\d+\.mlp", ("gate_proj", "up_proj"), "down_proj"),
     attention=_qkvo_attention(r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+    decoder=True,
     notes="Llama-style decoders: gated MLP, grouped-query attention (a unit is one key/value group)",
 )
 _OPT = ArchitectureSpec(
@@ -119,6 +139,7 @@ _OPT = ArchitectureSpec(
     attention=_qkvo_attention(
         r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "out_proj", head_attrs=(("num_heads", "1"),)
     ),
+    decoder=True,
     notes="OPT: fc1 / fc2 in the decoder layer; attention reshapes with self.num_heads",
 )
 

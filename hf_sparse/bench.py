@@ -71,7 +71,10 @@ def build_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modul
         )
         return LlamaForCausalLM(config).to(dtype), "clm"
     config = AutoConfig.from_pretrained(name)
-    if getattr(config, "is_decoder", False) or config.model_type in ("gpt2", "llama", "mistral", "qwen2", "opt"):
+    from .architectures import ARCHITECTURES
+
+    family = ARCHITECTURES.get(config.model_type)
+    if getattr(config, "is_decoder", False) or (family is not None and family.decoder):
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), "clm"
     return AutoModelForSequenceClassification.from_pretrained(name, num_labels=3, dtype=dtype), "cls"
 
@@ -197,6 +200,45 @@ class _StraightThrough:
 
             g.expanded_mask = expanded
             self.params.append(scores)
+
+
+def unprunable_share(model_name: str, batch: int, seq: int, warmup: int = 2, steps: int = 5,
+                     device: str | None = None, repeats: int = 2) -> dict[str, float]:
+    """u = T(fixed step, nothing kept) / T(dense step) at this shape (dense and empty steps alternated, the
+    fastest of `repeats` each): the share of a step no sparsity can remove (embeddings, norms, the head, the
+    optimizer on them, framework overhead). {"u", "dense_ms", "floor_ms"}."""
+    from transformers import Trainer
+
+    from .config import SparseConfig
+    from .patching import sparsify_model
+    from .structure import SparseStructure
+    from .trainer import SparseTrainer
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = tempfile.mkdtemp(prefix="hf_sparse_bench_")
+
+    def time_one(empty: bool) -> float:
+        gc.collect()
+        model, task = build_model(model_name)
+        model.to(dev)
+        if empty:
+            sparsify_model(model, SparseConfig(sparsity=0.0))
+            st = SparseStructure(model)
+            st.set_masks(torch.zeros(st.num_units))
+            for g in st:
+                g.fixed.fill_(True)
+            trainer = SparseTrainer(model=model, args=_args(out_dir, dev, False))
+        else:
+            trainer = Trainer(model=model, args=_args(out_dir, dev, False))
+        _prepare(trainer)
+        median, _ = _time_steps(trainer, make_batch(model, task, batch, seq, dev), warmup, steps, dev, False)
+        return median * 1e3
+
+    dense, floor = [], []
+    for _ in range(repeats):
+        dense.append(time_one(False))
+        floor.append(time_one(True))
+    return {"u": min(floor) / min(dense), "dense_ms": min(dense), "floor_ms": min(floor)}
 
 
 def run_benchmark(

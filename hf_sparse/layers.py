@@ -30,6 +30,13 @@ def is_supported_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
 
 
+def layer_features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an `nn.Linear` or a GPT-2 `Conv1D` (which stores its weight [in, out])."""
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.weight.shape[0], module.weight.shape[1]
+
+
 class _GatheredLinear(torch.autograd.Function):
     """`F.linear` on the kept rows (`dim=0`, a producer: rows and bias entries `idx`) or the kept columns
     (`dim=1`, a consumer) of a weight, with a backward written for the sparse case.

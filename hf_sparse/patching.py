@@ -18,7 +18,7 @@ from torch import nn
 from .architectures import BlockSpec, get_architecture, head_geometry
 from .budget import project_to_budget
 from .config import SparseConfig
-from .layers import MaskedWeightLinear, SparseLinear, is_supported_linear, SUPPORTED_LAYER_TYPES
+from .layers import SUPPORTED_LAYER_TYPES, MaskedWeightLinear, SparseLinear, is_supported_linear, layer_features
 from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts
 from .shrink import shrink_model
 from .structure import SparseStructure, UnitGroup
@@ -62,8 +62,7 @@ def _weight_shape(module: nn.Module) -> tuple[int, int]:
             f"hf_sparse cannot sparsify a {type(base).__name__}; supported layer types: {SUPPORTED_LAYER_TYPES} "
             "(optionally wrapped by a PEFT LoRA layer)"
         )
-    w = base.weight
-    return (w.shape[1], w.shape[0]) if type(base).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+    return layer_features(base)
 
 
 def _layer_swaps(member_module: nn.Module, member_parent: nn.Module, member_name: str, make: Callable) -> list[_Swap]:
@@ -137,6 +136,7 @@ def _plan_block(block_name, block, members, spec, kind, geometry, config):
         if m.role == "out" and base.bias is not None:
             cost += width * m.segments
     group = UnitGroup(kind, num_units, cost, compute=config.compute)
+    group.spec = spec  # its layout: shrink_model reads how to rename the heads from it
     group.to(device=_base(members[0][1]).weight.device)
     swaps = []
     for m, module, full, _ in shapes:

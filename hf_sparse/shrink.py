@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import Conv1D, MaskedWeightLinear, SparseLinear
+from .architectures import DEFAULT_HEAD_DIM_ATTRS, DEFAULT_SHRINK_ATTRS, head_geometry
+from .layers import Conv1D, MaskedWeightLinear, SparseLinear, layer_features
 from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts, parent_module
 from .structure import SparseStructure, unit_rows
 
@@ -63,7 +64,7 @@ class NoHeadsAttention(nn.Module):
         if self.consumer is None:
             return x.new_zeros(*lead, 0), None
         layer = self.get_submodule(self.consumer)
-        out_features = layer.nf if isinstance(layer, Conv1D) else layer.out_features
+        out_features = layer_features(layer)[0]
         out = x.new_zeros(*lead, out_features)
         if getattr(layer, "bias", None) is not None:
             out = out + layer.bias.to(x.dtype)
@@ -100,11 +101,11 @@ def _shrunk_layer(layer: SparseLinear, kept: torch.Tensor) -> nn.Module:
     return new
 
 
-def _head_counts(kept_units: int, width_of_group: int, head_dim: int) -> dict[str, int]:
-    """Head-count attributes an attention module may keep (set only where the module has them)."""
+def _head_counts(kept_units: int, width_of_group: int, head_dim: int, shrink_attrs) -> dict[str, int]:
+    """The attention module's head-count attributes at the kept sizes (`BlockSpec.shrink_attrs`)."""
     query_heads = kept_units * (width_of_group // head_dim)
-    return {"num_heads": query_heads, "num_attention_heads": query_heads, "num_key_value_heads": kept_units,
-            "all_head_size": query_heads * head_dim}
+    counts = {"query_heads": query_heads, "kv_heads": kept_units, "query_width": query_heads * head_dim}
+    return {attr: counts[count] for attr, count in shrink_attrs}
 
 
 @torch.no_grad()
@@ -159,9 +160,11 @@ def shrink_model(model: nn.Module) -> nn.Module:
             # the module that reshapes into heads: the parent of the producers (q/k/v or c_attn)
             attn_name = out_layers[0][0].rpartition(".")[0]
             attn = model.get_submodule(attn_name)
-            head_dim = _head_dim(attn, model_config)
+            spec = getattr(group, "spec", None)
+            head_dim = _head_dim(attn, model_config, spec.head_dim_attrs if spec else DEFAULT_HEAD_DIM_ATTRS)
             group_width = max(l.width for _, l in out_layers)
-            for attr, value in _head_counts(int(kept.numel()), group_width, head_dim).items():
+            shrink_attrs = spec.shrink_attrs if spec else DEFAULT_SHRINK_ATTRS
+            for attr, value in _head_counts(int(kept.numel()), group_width, head_dim, shrink_attrs).items():
                 if attr in vars(attn) and attr not in attrs[attn_name] and isinstance(vars(attn)[attr], int):
                     attrs[attn_name][attr] = value
             if kept.numel() == 0:
@@ -174,7 +177,8 @@ def shrink_model(model: nn.Module) -> nn.Module:
         for name, layer, new in new_layers:
             parent, child = parent_module(model, name)
             setattr(parent, child, new)
-            shapes["modules"][name] = {"in_features": _in_features(new), "out_features": _out_features(new)}
+            out_features, in_features = layer_features(new)
+            shapes["modules"][name] = {"in_features": in_features, "out_features": out_features}
         group._head_attrs = []  # the attributes now follow the kept sizes, not the dense ones
         for module_name, values in attrs.items():
             module = model.get_submodule(module_name)
@@ -194,22 +198,12 @@ def shrink_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _head_dim(attn: nn.Module, model_config) -> int:
-    for attr in ("head_dim", "attention_head_size"):
+def _head_dim(attn: nn.Module, model_config, attrs: tuple[str, ...]) -> int:
+    for attr in attrs:
         value = vars(attn).get(attr)
         if isinstance(value, int):
             return value
-    from .architectures import head_geometry
-
     return head_geometry(model_config).head_dim
-
-
-def _in_features(layer: nn.Module) -> int:
-    return layer.nx if isinstance(layer, Conv1D) else layer.in_features
-
-
-def _out_features(layer: nn.Module) -> int:
-    return layer.nf if isinstance(layer, Conv1D) else layer.out_features
 
 
 def _is_lora_member(model: nn.Module, name: str) -> bool:
