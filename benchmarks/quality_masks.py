@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import quality  # noqa: E402  (the study's task, settings and random baseline)
+import quality  # noqa: E402  (the study's task, settings and defaults)
+from study.baselines import random_units_mask  # noqa: E402  (the random baseline's masks)
 
 
 def kept_per_group(structure) -> str:
@@ -38,7 +39,7 @@ def main() -> None:
     for seed in (0, 1, 2):
         model = hf_sparse.sparsify_model(task.model(seed), SparseConfig(sparsity=0.5, score_init="budget"))
         structure = SparseStructure(model)
-        structure.set_masks(quality.random_units_mask(structure, 0.5, seed))
+        structure.set_masks(random_units_mask(structure, 0.5, seed))
         print(f"  seed {seed}: {kept_per_group(structure)}")
 
     defaults = quality.HF_SPARSE_DEFAULTS["lm"]
