@@ -19,7 +19,7 @@ from .patching import get_sparse_config, is_sparsified, sparsify_model, unit_mag
 from .report import SparsityReport, sparsity_report
 from .structure import SparseStructure, UnitGroup, sample_masks, topk_mask
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The Trainer costs seconds to import: load it only when asked for.
 _LAZY = {"SparseTrainer": ".trainer", "SparseTrainingArguments": ".training_args"}
