@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: sparse fine-tuning of the real MiniLM on the embedded Shakespeare genre task, offline.
+# The main job: sparse fine-tuning of the real MiniLM on the embedded word_swap task beside the dense Trainer, offline.
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python recipes/text_classification.py --output_dir outputs/text_classification
+	HF_HUB_OFFLINE=1 $(BIN)/python recipes/text_classification.py --output_dir outputs/text_classification --compare_dense
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

