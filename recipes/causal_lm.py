@@ -83,8 +83,10 @@ class CausalLMTrainingArguments(RecipeTrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1: a fraction of training)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=25, metadata={"help": "Log every N steps."})
-    # The informed start the quality study led to (docs/quality.md): 10% dense warm-up with Taylor importance,
-    # the budget at its target from there, the search until 30%, then the fixed (cheaper) mask.
+    # Not the library's defaults (a dense first half, made for fine-tuning a pretrained model: it keeps what the
+    # model knows). Pretraining from scratch has nothing to keep yet, and the quality study's LM runs chose a
+    # short informed start (docs/quality.md): 10% dense warm-up with Taylor importance, the budget at its
+    # target from there, the search until 30%, then the fixed (cheaper) mask.
     importance_warmup: float = field(default=0.1, metadata={"help": "Dense warm-up (fraction) before the informed start; 0: off."})
     budget_schedule_start: float = field(default=0.1, metadata={"help": "Fraction of training where the budget starts to fall."})
     budget_schedule_end: float = field(default=0.1, metadata={"help": "Fraction of training where the budget reaches the target."})
