@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .backends import refuse_deepspeed_several_backwards, refuse_presharded
 from .batches import count_items, split_batch
 from .budget import cubic_budget, project_to_budget
 from .config import SparseConfig
@@ -83,6 +84,7 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
                 "data-parallel group over gloo"
             )
         check_teacher(args, teacher_model)
+        refuse_presharded(model, args)
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every weight is in the graph (gathered or masked)
         super().__init__(model=model, args=args, **kwargs)
@@ -188,17 +190,7 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
                         "to 0 steps; the informed start warms up for 1 step")
 
     def _check_backend(self) -> None:
-        """DeepSpeed steps its engine inside `backward` when gradients sync: a second backward (weight_grad_samples
-        = 2) or one backward per chunk (mask_groups > 1) would step the weights several times per optimizer step,
-        and a forward after that backward would be taken on updated weights."""
-        a = self.args
-        if getattr(self, "is_deepspeed_enabled", False) and (a.weight_grad_samples > 1 or a.mask_groups > 1):
-            raise ValueError(
-                f"DeepSpeed steps the optimizer inside backward, so weight_grad_samples={a.weight_grad_samples} and "
-                f"mask_groups={a.mask_groups} would update the weights more than once per step and take the structure "
-                "losses on different weights. With DeepSpeed use --weight_grad_samples 1 --mask_groups 1 (the "
-                "no-grad forwards then run before the one backward, on the same weights)"
-            )
+        refuse_deepspeed_several_backwards(self.args, getattr(self, "is_deepspeed_enabled", False))
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

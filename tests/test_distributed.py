@@ -51,7 +51,7 @@ def test_fsdp2_sharded_weights_give_the_single_process_gradients_and_identical_s
     gradient reduce-scattered by FSDP equals the whole batch's gradient in one process (tolerance 1e-6, float32
     reductions in another order), dropped units get exactly zero, and a structure step (shared-seed masks, losses
     all-reduced, VR-PGE, Adam, projection) leaves identical masks and scores on both ranks. The SparseTrainer
-    path under FSDP2 is not covered (issue 15)."""
+    path under FSDP2 is not covered (issue 15); handed a sharded model outside an FSDP set-up it refuses it."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", "fsdp2_step.py"),
            str(tmp_path)]
@@ -74,3 +74,5 @@ def test_fsdp2_sharded_weights_give_the_single_process_gradients_and_identical_s
     assert torch.all(up[neurons0 == 0] == 0) and torch.all(up[neurons0 == 1].abs().sum(1) > 0)
     assert torch.equal(r0["masks"], r1["masks"]) and torch.equal(r0["scores"], r1["scores"])
     assert not torch.equal(r0["scores"], torch.full_like(r0["scores"], 0.5))  # the scores moved
+    # handed to SparseTrainer without an FSDP set-up, the sharded model is refused up front with the fix
+    assert r0["refusal"] is not None and "already sharded" in r0["refusal"] and "fsdp.yaml" in r0["refusal"]

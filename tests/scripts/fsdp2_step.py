@@ -5,6 +5,7 @@ weights (`torch.distributed.fsdp.fully_shard`), against the same model unsharded
    single-process gradient of the whole batch, and the dropped units' entries are exactly zero.
 2. A structure step as SparseTrainer takes it: masks drawn from the shared seed (identical on both ranks), two
    no-grad losses under FSDP2, all-reduced, VR-PGE, Adam on the scores, the projection: identical scores.
+3. `SparseTrainer` given the sharded model outside an FSDP set-up refuses it, naming the fix.
 Writes rank{r}.pt under argv[1].
 """
 
@@ -70,7 +71,16 @@ for step in range(3):
         g.scores.grad = d.view_as(g.scores)
     optimizer.step()
     sharded.set_scores(project_to_budget(sharded.scores(), costs, target, weights=costs))
-torch.save({"world": world, "grads": grads, "ref_grads": ref_grads, "masks": torch.stack(masks_seen),
+# 3: SparseTrainer on the sharded model outside an FSDP set-up is refused with the fix (it would wrap it in DDP)
+try:
+    from hf_sparse import SparseTrainer, SparseTrainingArguments
+
+    SparseTrainer(model=model, args=SparseTrainingArguments(output_dir=os.path.join(out, "t"), use_cpu=True,
+                                                           report_to=[]))
+    refusal = None
+except ValueError as e:
+    refusal = str(e)
+torch.save({"world": world, "refusal": refusal, "grads": grads, "ref_grads": ref_grads, "masks": torch.stack(masks_seen),
             "scores": sharded.scores().clone(), "fixed_mask": hs.SparseStructure(reference).masks(),
             "names": list(hs.SparseStructure(reference).names)}, os.path.join(out, f"rank{rank}.pt"))
 dist.destroy_process_group()
