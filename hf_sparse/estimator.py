@@ -44,7 +44,12 @@ def vrpge_gradient(
         raise ValueError(f"VR-PGE needs at least 2 samples, got {k}")
     advantages = losses - losses.mean()
     g = _score(masks.float(), scores.float(), score_function, eps)
-    return (advantages[:, None] * g).sum(0) / (k - 1)
+    # The advantages add up to 0 exactly only in exact arithmetic: in float32 their sum is a rounding error
+    # (~1e-7 of the loss), and a unit drawn alike in every sample would get that error times g as its gradient,
+    # which Adam scales up to a full step of random sign. Subtracting the first sample's g changes nothing in
+    # exact arithmetic (sum_k a_k c = 0 for any c) and gives such a unit exactly 0: for K = 2 it is the
+    # 1/2 (L1 - L2)(g(m1) - g(m2)) form itself.
+    return (advantages[:, None] * (g - g[:1])).sum(0) / (k - 1)
 
 
 def disarm_gradient(

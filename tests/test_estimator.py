@@ -205,6 +205,28 @@ def test_vrpge_two_sample_formula_and_zero_when_dense():
     assert torch.all(hs.vrpge_gradient(torch.tensor([1.0, 1.0]), masks, s) == 0)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_vrpge_gives_exactly_zero_to_units_drawn_alike_in_every_sample(k):
+    """A unit with the same mask in every sample carries no signal: its estimate is exactly 0, whatever the
+    float32 rounding of the advantages. (Their sum is ~1e-7, not 0; Adam would scale that up to a full step of
+    random sign: what made an FSDP run and a one-process run on the same data part after 4 steps.)"""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    s = torch.rand(n, generator=g) * 0.8 + 0.1
+    masks = (torch.rand(k, n, generator=g) < s).float()
+    masks[:, :16] = 1.0  # drawn kept in every sample
+    masks[:, 16:32] = 0.0  # drawn dropped in every sample
+    rounding_seen = False
+    for trial in range(50):
+        losses = 4.0 + torch.rand(k, generator=g) * 0.02  # losses near 4 differing by ~1e-2, as in training
+        rounding_seen |= float((losses - losses.mean()).sum()) != 0.0
+        for kind in ("exact", "fisher"):
+            delta = hs.vrpge_gradient(losses, masks, s, kind)
+            assert torch.all(delta[:32] == 0), (trial, kind, delta[:32].abs().max())
+            assert torch.all(delta[32:][(masks[:, 32:] != masks[:1, 32:]).any(0)] != 0)
+    assert rounding_seen  # the float32 advantages really did not add up to 0 in some trials
+
+
 def test_disarm_formula():
     s = torch.tensor([0.2, 0.7, 0.5])
     masks = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
