@@ -1,9 +1,52 @@
-"""Set-ups of the Trainer's distributed engines that hf_sparse cannot train correctly, refused before the first
-step with the fix (DeepSpeed stepping inside backward; a model sharded by the caller outside an FSDP set-up)."""
+"""The Trainer's distributed engines as hf_sparse needs them: set-ups it cannot train correctly, refused before the
+first step with the fix (DeepSpeed stepping inside backward; a model sharded by the caller outside an FSDP set-up),
+and FSDP2 on CPU processes, which Accelerate would otherwise drop silently."""
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def fsdp_on_cpu(accelerator, args) -> bool:
+    """Turn on the FSDP the user configured when Accelerate resolved CPU processes to plain data parallel.
+
+    Accelerate only selects FSDP for accelerator devices: with CPU processes (gloo) it keeps the plugin out of its
+    state, and the Trainer then wraps the model in DDP with no word said. FSDP2 (`fully_shard`) itself runs on CPU
+    processes over gloo, and Accelerate's FSDP2 preparation, state-dict gathering and checkpoint code is
+    device-agnostic, so the configured plugin is put back into the state: the run shards as it would on GPUs.
+    Returns True when it did. FSDP1 is refused (not supported on CPU processes here)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or getattr(state, "fsdp_plugin", None) is not None:
+        return False
+    if args.fsdp_plugin_args is not None:
+        plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch with an FSDP config
+        plugin = FullyShardedDataParallelPlugin()
+    else:
+        return False
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"FSDP version {plugin.fsdp_version} was configured on CPU processes; hf_sparse shards CPU processes with "
+            "FSDP2 only. Set fsdp_config={'version': 2} (--fsdp_config '{\"version\": 2}', or fsdp_version: 2 in the "
+            "accelerate config), or train with plain data parallel (recipes/accelerate/cpu_2proc.yaml)"
+        )
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    # as Accelerate does when it selects FSDP itself: every later AcceleratorState() copies the partial state's type
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    logger.info("SparseTrainer: FSDP2 on CPU processes (gloo): Accelerate selects FSDP for accelerators only; the "
+                "configured plugin is used")
+    return True
 
 
 def refuse_deepspeed_several_backwards(args, deepspeed_enabled: bool) -> None:
@@ -34,3 +77,14 @@ def refuse_presharded(model: nn.Module, args) -> None:
         "launch with an FSDP config (accelerate launch --config_file recipes/accelerate/fsdp.yaml, on GPUs), or "
         "train it unsharded (DDP: recipes/accelerate/cpu_2proc.yaml)"
     )
+
+
+def refuse_fsdp_warmup_teacher(args, fsdp_enabled: bool) -> None:
+    """The warm-up teacher is a frozen copy of the model at the end of the warm-up; an FSDP-wrapped model cannot
+    be copied (FSDP refuses deepcopy), and a whole copy on every rank would defeat the sharding."""
+    if fsdp_enabled and getattr(args, "distill_from", "none") == "warmup":
+        raise ValueError(
+            "distill_from='warmup' copies the model at the end of the warm-up as the teacher, which FSDP cannot do "
+            "(a sharded model cannot be deep-copied). Under FSDP pass a teacher yourself (teacher_model=..., "
+            "distill_from='model'), or train without distillation (the default)"
+        )

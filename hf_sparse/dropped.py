@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .layers import SparseLinear
+from .sharded import local_slice, select
 from .structure import SparseStructure
 
 DROPPED_WEIGHTS_NAME = "hf_sparse_dropped.safetensors"
@@ -102,7 +103,8 @@ def restore_dropped(model: nn.Module, dropped: dict[str, torch.Tensor], source: 
         values = dropped[name]
         if values.numel() != idx.numel() * (1 if dim == -1 else param.numel() // param.shape[dim]):
             raise ValueError(f"{source}: {name} holds {values.numel()} dropped values, the mask needs another count")
-        put(param.data, dim, idx.to(param.device), values.to(param.device))
+        local, local_idx, positions = local_slice(param.data, dim, idx.to(param.device))  # FSDP2: this rank's rows
+        put(local, dim, local_idx, select(values, dim, positions).to(local.device))
 
 
 class FrozenUnits:
@@ -135,11 +137,9 @@ class FrozenUnits:
         for _, param, dim, idx in unit_slices(self.model, self.structure, keep):
             if not param.requires_grad:
                 continue  # a frozen base (LoRA): no optimizer moves it
-            _fill_zero(param.data, dim, idx)
-            if self.optimizer is not None:
-                for v in self.optimizer.state.get(param, {}).values():
-                    if torch.is_tensor(v) and v.shape == param.shape:
-                        _fill_zero(v, dim, idx)
+            for t in [param.data] + self._states(param):
+                local, local_idx, _ = local_slice(t, dim, idx)  # FSDP2: each rank zeroes its own rows
+                _fill_zero(local, dim, local_idx)
         self.settled = keep.clone()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -162,14 +162,18 @@ class FrozenUnits:
         for _, param, dim, idx in unit_slices(self.model, self.structure, self.keep):
             if not param.requires_grad:
                 continue
-            states = [v for v in optimizer.state.get(param, {}).values()
-                      if torch.is_tensor(v) and v.shape == param.shape]
-            self._saved.append((param, dim, idx, take(param.data, dim, idx), [(s, take(s, dim, idx)) for s in states]))
+            for t in [param.data] + self._states(param):
+                local, local_idx, _ = local_slice(t, dim, idx)  # FSDP2: each rank keeps its own rows
+                self._saved.append((local, dim, local_idx, take(local, dim, local_idx)))
 
     @torch.no_grad()
     def _after(self, optimizer, args, kwargs):
-        for param, dim, idx, values, states in self._saved:
-            put(param.data, dim, idx, values)
-            for s, v in states:
-                put(s, dim, idx, v)
+        for local, dim, local_idx, values in self._saved:
+            put(local, dim, local_idx, values)
         self._saved = []
+
+    def _states(self, param: nn.Parameter) -> list[torch.Tensor]:
+        """The optimizer-state tensors laid out like the parameter (Adam's moments; not its step counter)."""
+        if self.optimizer is None:
+            return []
+        return [v for v in self.optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]

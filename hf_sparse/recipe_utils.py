@@ -103,10 +103,10 @@ def finish_run(
 ) -> dict:
     """Fix the mask, export `model/` (with tokenizer and model card), write results.json, print the table and
     push when asked. Only the main process writes."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    fix_masks(model)
-    if not training_args.should_save:
+    model = trainer.unsharded_model()  # under FSDP gathered from the shards (every rank takes part)
+    if model is None or not training_args.should_save:
         return results
+    fix_masks(model)
     out_dir = os.path.join(training_args.output_dir, "model")
     export_model(model, out_dir, export=recipe.export, overwrite=True)
     tokenizer.save_pretrained(out_dir)

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .backends import refuse_deepspeed_several_backwards, refuse_presharded
+from .backends import fsdp_on_cpu, refuse_deepspeed_several_backwards, refuse_fsdp_warmup_teacher, refuse_presharded
 from .batches import count_items, split_batch
 from .budget import cubic_budget, project_to_budget
 from .config import SparseConfig
@@ -191,6 +191,12 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
 
     def _check_backend(self) -> None:
         refuse_deepspeed_several_backwards(self.args, getattr(self, "is_deepspeed_enabled", False))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+        refuse_fsdp_warmup_teacher(self.args, self.is_fsdp_enabled)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

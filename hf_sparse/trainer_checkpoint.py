@@ -25,6 +25,11 @@ from .dropped import DROPPED_WEIGHTS_NAME, split_dropped
 from .folders import restore_from_folder, write_dropped
 from .model_state import get_sparse_config, is_sparsified
 
+try:
+    from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
+except ImportError:  # pragma: no cover - older accelerate
+    FSDP_MODEL_NAME = "pytorch_model_fsdp"
+
 logger = logging.get_logger(__name__)
 
 STRUCTURE_STATE_NAME = "sparse_structure_state.pt"
@@ -82,6 +87,23 @@ class CheckpointMixin:
             commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
         )
 
+    def unsharded_model(self) -> nn.Module | None:
+        """The trained sparse model whole, to export or inspect: the unwrapped model, or, under FSDP (weights
+        sharded over the ranks), a copy gathered by `save_model` into a temporary sparse checkpoint and read back
+        by `load_sparse_model` on the main process, bit for bit with the evaluation mask set. Under FSDP every rank
+        must call it (the gathering is a collective); ranks other than the main one get None."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not getattr(self, "is_fsdp_enabled", False):
+            return model
+        import tempfile
+
+        from .export import load_sparse_model
+
+        with tempfile.TemporaryDirectory(prefix="hf_sparse_gathered_") as folder:
+            self.save_model(folder)
+            self.accelerator.wait_for_everyone()
+            return load_sparse_model(folder) if self.args.should_save else None
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the
         mask evaluation uses (top-K, or dense before any structure is learned). `load_sparse_model(folder)` gives
@@ -105,13 +127,23 @@ class CheckpointMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        restore_from_folder(self.accelerator.unwrap_model(model if model is not None else self.model),
-                            resume_from_checkpoint)
+        if not self._engine_loaded_every_weight(resume_from_checkpoint):
+            restore_from_folder(self.accelerator.unwrap_model(model if model is not None else self.model),
+                                resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
-        if self.state.best_model_checkpoint:
-            restore_from_folder(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+        best = self.state.best_model_checkpoint
+        if best and not self._engine_loaded_every_weight(best):
+            restore_from_folder(self.accelerator.unwrap_model(self.model), best)
+
+    def _engine_loaded_every_weight(self, folder: str) -> bool:
+        """Under FSDP the Trainer loads the model from FSDP's own files (`pytorch_model_fsdp*`), written from the
+        live weights, dropped units included: nothing is left to restore (and the masks there are the training
+        step's, not the evaluation mask the dropped values were split by)."""
+        if not getattr(self, "is_fsdp_enabled", False) or not os.path.isdir(folder):
+            return False
+        return any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(folder))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # the Trainer copies config and weights from the checkpoint into output_dir, then uploads output_dir:

@@ -50,8 +50,8 @@ def test_fsdp2_sharded_weights_give_the_single_process_gradients_and_identical_s
     """FSDP2 (`fully_shard`, 2 processes over gloo) under the gathered layers: each rank's half batch, the
     gradient reduce-scattered by FSDP equals the whole batch's gradient in one process (tolerance 1e-6, float32
     reductions in another order), dropped units get exactly zero, and a structure step (shared-seed masks, losses
-    all-reduced, VR-PGE, Adam, projection) leaves identical masks and scores on both ranks. The SparseTrainer
-    path under FSDP2 is not covered (issue 15); handed a sharded model outside an FSDP set-up it refuses it."""
+    all-reduced, VR-PGE, Adam, projection) leaves identical masks and scores on both ranks. Handed a sharded
+    model outside an FSDP set-up, SparseTrainer refuses it (the Trainer path is the next test)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", "fsdp2_step.py"),
            str(tmp_path)]
@@ -76,3 +76,55 @@ def test_fsdp2_sharded_weights_give_the_single_process_gradients_and_identical_s
     assert not torch.equal(r0["scores"], torch.full_like(r0["scores"], 0.5))  # the scores moved
     # handed to SparseTrainer without an FSDP set-up, the sharded model is refused up front with the fix
     assert r0["refusal"] is not None and "already sharded" in r0["refusal"] and "fsdp.yaml" in r0["refusal"]
+
+
+def test_sparse_trainer_under_fsdp2_matches_one_process_resumes_exactly_and_exports(tmp_path):
+    """`SparseTrainer` through the Trainer's own FSDP2 path (`fsdp="full_shard"`, version 2) on 2 CPU processes
+    (gloo; `hf_sparse.backends.fsdp_on_cpu` keeps Accelerate from dropping FSDP for CPU processes): the weights are
+    DTensors, both ranks hold the same scores and masks, and against one process on the same 8 batches of 8 the
+    scores and masks are identical and every weight is within 1e-5 (measured 3e-6: float32 reductions in another
+    order). A run resumed from checkpoint-4 ends bit for bit where the uninterrupted one did; `save_model` and
+    `unsharded_model` gather one sparse checkpoint that reloads with exactly the trained weights, and its shrunk
+    export (with its card) computes the same logits."""
+    from trainer_helpers import FSDP_ARGS, arithmetic_sequences, tiny_llama
+
+    import hf_sparse as hs
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", "fsdp2_train.py"),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["world"] == 2 and r0["fsdp"] and r0["first"]["sharded"]  # really sharded, not DDP
+    first = r0["first"]
+    for key in ("scores", "masks"):
+        assert torch.equal(first[key], r1["first"][key]), key
+        assert torch.equal(first[key], r0["resumed"][key]), key
+    assert 0 < float(first["masks"].mean()) < 1 and first["log_history"][-2]["sparse/fixed"] == 1.0
+    # the informed start, gradient accumulation and two mask groups under FSDP2: the ranks still agree
+    chunked = r0["chunked"]
+    assert torch.equal(chunked["scores"], r1["chunked"]["scores"]) and torch.equal(chunked["masks"], r1["chunked"]["masks"])
+    assert chunked["log_history"][0]["sparse/train_flops_vs_dense"] == 1.0 and chunked["log_history"][-2]["sparse/fixed"] == 1.0
+    assert r0["refusal"] is not None and "teacher_model" in r0["refusal"]  # no warm-up teacher copy under FSDP
+    for name, value in first["params"].items():
+        assert torch.equal(value, r0["resumed"]["params"][name]), name  # resume is exact
+        assert torch.equal(value, r0["reloaded_params"][name]), name  # the gathered checkpoint is the model
+
+    # one process, the same data: per_device 8 = the two ranks' batches of 4 (Accelerate hands batch 2k to rank 0
+    # and 2k + 1 to rank 1 from the same seeded order)
+    args = hs.SparseTrainingArguments(output_dir=str(tmp_path / "single"), per_device_train_batch_size=8,
+                                      use_cpu=True, **FSDP_ARGS)
+    trainer = hs.SparseTrainer(model=tiny_llama(), args=args, sparse_config=hs.SparseConfig(sparsity=0.5),
+                               train_dataset=arithmetic_sequences(256))
+    trainer.train()
+    torch.testing.assert_close(trainer.structure.scores(), first["scores"], atol=1e-6, rtol=0)
+    assert torch.equal(trainer.structure.masks(), first["masks"])
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), first["params"][name], atol=1e-5, rtol=0, msg=name)
+
+    torch.testing.assert_close(r0["gathered_logits"], r0["reloaded_logits"], atol=0, rtol=0)
+    torch.testing.assert_close(r0["shrunk_logits"], r0["gathered_logits"], atol=1e-5, rtol=1e-5)
+    assert r0["shrunk_params"] < r0["dense_params"]
+    assert "50.0% of the prunable parameters" in r0["card"]

@@ -41,3 +41,12 @@ def search_args(tmp_path, **kw):
     )
     defaults.update(kw)
     return SparseTrainingArguments(**defaults)
+
+
+# The FSDP2 trainer test's run (tests/scripts/fsdp2_train.py) and its single-process reference: 8 steps, the
+# search from the start to step 4 (budget at its target by then), the mask fixed for the last 2, a checkpoint at 4.
+FSDP_ARGS = dict(
+    max_steps=8, learning_rate=3e-3, logging_steps=2, save_strategy="steps", save_steps=4, report_to=[],
+    disable_tqdm=True, seed=0, importance_warmup=0.0, budget_schedule_start=0.0, budget_schedule_end=0.5,
+    fix_masks_at=0.75,
+)
