@@ -204,6 +204,31 @@ def test_deepspeed_with_several_backward_passes_is_refused(tmp_path):
         trainer._check_backend()
 
 
+def test_fsdp1_on_cpu_processes_is_refused_and_plain_data_parallel_is_left_alone(monkeypatch):
+    """`fsdp_on_cpu` (the FSDP2-on-CPU shim) refuses FSDP1 naming the fix, and touches neither a CPU data-parallel
+    run without an FSDP config nor a state Accelerate already set up. Stand-ins for the accelerator and the
+    arguments: the real 2-process FSDP2 run is tests/test_distributed.py."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hf_sparse.backends import fsdp_on_cpu
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # as `accelerate launch` sets it for an FSDP config
+
+    def accelerator(kind):
+        return SimpleNamespace(state=SimpleNamespace(distributed_type=kind, mixed_precision="no"))
+
+    with pytest.raises(ValueError, match=r"FSDP version 1 .*'version': 2"):
+        fsdp_on_cpu(accelerator(DistributedType.MULTI_CPU), SimpleNamespace(fsdp_plugin_args={"fsdp_version": 1}))
+    ddp = accelerator(DistributedType.MULTI_CPU)
+    assert not fsdp_on_cpu(ddp, SimpleNamespace(fsdp_plugin_args=None))
+    assert ddp.state.distributed_type == DistributedType.MULTI_CPU and not hasattr(ddp.state, "fsdp_plugin")
+    gpu = accelerator(DistributedType.MULTI_GPU)
+    assert not fsdp_on_cpu(gpu, SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2}))
+    assert gpu.state.distributed_type == DistributedType.MULTI_GPU
+
+
 # --- 4: common random numbers under dropout --------------------------------------------------------------
 def _dropout_bert():
     from transformers import BertConfig, BertForSequenceClassification
@@ -477,9 +502,10 @@ def trained_tiny_llama(steps=150):
 def test_the_structure_update_drops_planted_harmful_units(tmp_path):
     """16 of the 64 neurons of each MLP are made harmful (noise of scale 1 where they are computed) and the budget
     keeps 75%: the 32 harmful units are what should go. A random choice keeps 24 of them (expected), a search
-    with the estimator's sign flipped or the two losses swapped keeps ~all 32; the search keeps at most 12, half of
-    random (it measured 6 on one machine and 10 on another: float reductions differ between CPUs, and units that
-    reach a score of 0 or 1 early stay there, the known limit of the plain search)."""
+    with the estimator's sign flipped or the two losses swapped keeps ~all 32; the search keeps at most 9 (6
+    measured on the AMD EPYC here; 10 before VR-PGE gave units drawn alike in both samples an exact 0, so the bound
+    also guards that fix; units that reach a score of 0 or 1 early stay there, the known limit of the plain
+    search)."""
     model = hs.sparsify_model(trained_tiny_llama(), SparseConfig(sparsity=0.25, granularity=["neuron"]))
     harmful = plant_harmful_neurons(model, scale=1.0)
     args = make_args(tmp_path, max_steps=150, learning_rate=0.0, fix_masks_at=1.0, budget_schedule_end=0.5,
@@ -491,7 +517,7 @@ def test_the_structure_update_drops_planted_harmful_units(tmp_path):
     bad_scores = torch.cat([g.scores[bad] for g, bad in harmful.items()])
     good_scores = torch.cat([g.scores[torch.ones(g.num_units, dtype=torch.bool).index_fill(0, bad, False)]
                              for g, bad in harmful.items()])
-    assert kept_bad <= 12, f"{kept_bad} of 32 harmful units kept (a random choice keeps 24)"
+    assert kept_bad <= 9, f"{kept_bad} of 32 harmful units kept (a random choice keeps 24)"
     assert float(good_scores.mean()) - float(bad_scores.mean()) > 0.3
 
 
