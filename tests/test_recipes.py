@@ -74,10 +74,15 @@ def test_recipe_help_and_bad_input(tmp_path):
         recipe.main(["--output_dir", str(tmp_path), "--structure_learning_rate", "0", *TINY_LM])
 
 
-@pytest.mark.parametrize("config", ["cpu_2proc", "fsdp_cpu_2proc"])
-def test_two_process_accelerate_launch_of_a_recipe(tmp_path, config):
-    """The documented launch of a recipe on 2 CPU processes: data parallel, and FSDP2 (the fsdp.yaml set-up without
-    GPUs): trains, evaluates, gathers the model and writes the shrunk export with its card, which reloads."""
+@pytest.mark.parametrize("config, engine, extra", [
+    ("cpu_2proc", "MULTI_CPU", []),
+    ("fsdp_cpu_2proc", "FSDP", []),
+    ("deepspeed_cpu_2proc", "DEEPSPEED", ["--fix_masks_at", "0.1"]),  # no search under DeepSpeed (refused)
+])
+def test_two_process_accelerate_launch_of_a_recipe(tmp_path, config, engine, extra):
+    """The documented launches of a recipe on 2 CPU processes: data parallel, FSDP2 and DeepSpeed ZeRO-3 (the GPU
+    configs' set-ups without GPUs): trains with that engine, evaluates, gathers the model and writes the shrunk
+    export with its card, which reloads."""
     import hf_sparse as hs
 
     with socket.socket() as s:
@@ -86,14 +91,14 @@ def test_two_process_accelerate_launch_of_a_recipe(tmp_path, config):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate", f"{config}.yaml"),
            "--main_process_port", str(port), os.path.join(ROOT, "recipes", "causal_lm.py"),
-           "--output_dir", str(tmp_path), "--max_steps", "4", "--disable_tqdm", "true", "--export", "shrink", *TINY_LM]
+           "--output_dir", str(tmp_path), "--max_steps", "4", "--disable_tqdm", "true", "--export", "shrink", *TINY_LM, *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 4 and abs(results["sparse"]["sparsity"] - 0.5) < 0.02
     assert "| hf_sparse |" in proc.stdout
-    assert ("FSDP2 on CPU processes" in proc.stdout + proc.stderr) == (config == "fsdp_cpu_2proc")
+    assert results["distributed_type"] == engine
     model = hs.load_sparse_model(tmp_path / "model")  # the shrunk export, gathered from the shards under FSDP
     kept = [layer.out_features for name, layer in model.named_modules() if name.endswith("mlp.up_proj")]
     assert len(kept) == 2 and sum(kept) < 2 * 64  # intermediate_size 64: neurons were removed

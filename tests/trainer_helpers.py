@@ -50,3 +50,22 @@ FSDP_ARGS = dict(
     disable_tqdm=True, seed=0, importance_warmup=0.0, budget_schedule_start=0.0, budget_schedule_end=0.5,
     fix_masks_at=0.75,
 )
+
+
+# The DeepSpeed test's run (tests/scripts/deepspeed_train.py) and its one-process reference: the library's
+# default schedule (dense warm-up, then the informed mask fixed) over 8 steps, a checkpoint at step 6.
+DEEPSPEED_ARGS = dict(
+    max_steps=8, learning_rate=3e-3, logging_steps=2, save_strategy="steps", save_steps=6, report_to=[],
+    disable_tqdm=True, seed=0, importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5,
+    fix_masks_at=0.5,
+)
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO `stage` with the Trainer's own AdamW (DeepSpeed's CPU Adam needs compiled ops); ZeRO-3 gathers the
+    weights for `save_model`."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+    }

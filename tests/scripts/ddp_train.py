@@ -41,7 +41,7 @@ def main():
         "masks": trainer.structure.masks().cpu(),
         "params": {n: p.detach().cpu() for n, p in trainer.model.state_dict().items()},
         "log_history": trainer.state.log_history,
-        "local_importance": trainer._importance.flat().cpu() if trainer._importance is not None else None,
+        "importance": trainer._importance.flat().cpu() if trainer._importance is not None else None,
     }
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     trainer.accelerator.wait_for_everyone()
