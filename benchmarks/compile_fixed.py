@@ -1,5 +1,8 @@
 """`torch.compile` in the fixed-mask phase: the speed-up with and without compile, and the recompiles after the
 mask is fixed (there must be none: the kept counts no longer change, so every step has the same shapes).
+`--search` adds the search phase (two forwards and one backward, masks drawn every step at keep probability
+`--kept`): its kept counts change every step, and the table shows how many graphs torch.compile builds for them
+(its automatic dynamic shapes mark a dimension dynamic the second time it changes) and what that costs.
 
     python benchmarks/compile_fixed.py                       # MiniLM, batch 32 x 24, kept 0.5, 12 steps each
     python benchmarks/compile_fixed.py --model bert-base --seq 128 --batch 8
@@ -30,6 +33,11 @@ def run(model_name: str, mode: str, compile_: bool, batch: int, seq: int, kept: 
     out = "/tmp/hf_sparse_compile"
     if mode == "dense":
         trainer_cls, args = Trainer, _args(out, torch.device("cpu"), False)
+    elif mode == "search":  # every unit kept with probability `kept`: new kept counts every step
+        hs.sparsify_model(model, hs.SparseConfig(sparsity=1.0 - kept, score_init="budget"))
+        trainer_cls = hs.SparseTrainer
+        args = _args(out, torch.device("cpu"), False, budget_schedule_start=0.0, budget_schedule_end=0.0,
+                     fix_masks_at=1.0)
     else:
         hs.sparsify_model(model, hs.SparseConfig(sparsity=1.0 - kept))
         structure = hs.SparseStructure(model)
@@ -66,16 +74,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--search", action="store_true", help="also time the search phase with and without compile")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = {}
-    for mode in ("dense", "fixed"):
+    for mode in ("dense", "fixed") + (("search",) if a.search else ()):
         for compile_ in (False, True):
             rows[(mode, compile_)] = r = run(a.model, mode, compile_, a.batch, a.seq, a.kept, a.warmup, a.steps)
             print(f"{mode:5s} compile={compile_!s:5s} step {r['step_ms']:7.1f} ms  first {a.warmup} steps "
                   f"{r['warmup_s']:6.1f} s  graphs compiled after them: {r['recompiles']}", flush=True)
     base = rows[("dense", False)]["step_ms"]
-    print(f"\n{a.model}, batch {a.batch} x {a.seq}, fixed mask at kept {a.kept}, median of {a.steps} steps\n")
+    print(f"\n{a.model}, batch {a.batch} x {a.seq}, kept {a.kept}, median of {a.steps} steps\n")
     print("| phase | torch.compile | step (ms) | vs dense eager | graphs compiled after warm-up |")
     print("|---|---|---:|---:|---:|")
     for (mode, compile_), r in rows.items():

@@ -30,9 +30,9 @@ class SparseTrainingArguments(TrainingArguments):
     kept, the mask is fixed, and the second half trains the kept units only. On two tasks where the choice of
     units decides the outcome (real MiniLM, 250 steps, 50% sparsity, 3 seeds) this kept 0.684 / 0.629 accuracy
     against dense 0.693 / 0.657, where the paper's schedule (`PAPER_SCHEDULE`: search from the dense model,
-    fixed at 80%) ended at chance (0.508 / 0.509), as did random units (0.499 / 0.507); a search after the
-    informed start, distillation and a 40% warm-up added nothing measurable. The search itself is reached with
-    `**PAPER_SCHEDULE` (or any `fix_masks_at` after the warm-up). For pretraining from scratch use a short
+    fixed at 80%) ended at chance (0.504 / 0.507), as did random units (0.499 / 0.507); a search after the
+    informed start (3 seeds: -0.0 / -0.4 points), distillation and a 40% warm-up added nothing measurable. The
+    search itself is reached with `**PAPER_SCHEDULE` (or any `fix_masks_at` after the warm-up). For pretraining from scratch use a short
     warm-up and a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half keeps nothing there.
 
     Parameters:
