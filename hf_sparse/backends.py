@@ -93,26 +93,56 @@ def refuse_presharded(model: nn.Module, args) -> None:
     )
 
 
-def refuse_fsdp_warmup_teacher(args, fsdp_enabled: bool) -> None:
-    """The warm-up teacher is a frozen copy of the model at the end of the warm-up; an FSDP-wrapped model cannot
-    be copied (FSDP refuses deepcopy), and a whole copy on every rank would defeat the sharding."""
-    if fsdp_enabled and getattr(args, "distill_from", "none") == "warmup":
+def refuse_sharded_warmup_teacher(args, engine: str | None) -> None:
+    """The warm-up teacher is a frozen copy of the model at the end of the warm-up; a model whose weights are
+    sharded (FSDP, DeepSpeed ZeRO-3) cannot be copied that way (FSDP refuses deepcopy; ZeRO-3's parameters are empty
+    placeholders), and a whole copy on every rank would defeat the sharding."""
+    if engine is not None and getattr(args, "distill_from", "none") == "warmup":
         raise ValueError(
-            "distill_from='warmup' copies the model at the end of the warm-up as the teacher, which FSDP cannot do "
-            "(a sharded model cannot be deep-copied). Under FSDP pass a teacher yourself (teacher_model=..., "
+            f"distill_from='warmup' copies the model at the end of the warm-up as the teacher, which {engine} cannot "
+            f"do (its weights are sharded). Under {engine} pass a teacher yourself (teacher_model=..., "
             "distill_from='model'), or train without distillation (the default)"
         )
 
 
-class EnginesMixin:
-    """`SparseTrainer`'s part that meets the Trainer's distributed engines (a mixin before `Trainer` in its bases):
-    FSDP2 kept on CPU processes, and the refusals of set-ups it cannot train correctly."""
+def check_fsdp_arguments(args, plugin) -> None:
+    """The Trainer's own FSDP checks, for a run whose FSDP was turned on after the Trainer made them."""
+    if plugin.activation_checkpointing and args.activation_checkpointing:
+        raise ValueError(
+            "`fsdp_config['activation_checkpointing']` (FSDP's own activation checkpointing) and the "
+            "`activation_checkpointing` training argument can't both be set to True. Use FSDP's activation "
+            "checkpointing when using FSDP."
+        )
+    if args.save_only_model and args.load_best_model_at_end:
+        raise ValueError("FSDP can't be used with `save_only_model` along with `load_best_model_at_end`.")
+
+
+class CpuFsdpMixin:
+    """For any `Trainer` (a mixin before it in the bases): FSDP2 as configured, on CPU processes too."""
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if fsdp_on_cpu(self.accelerator, self.args):
             self.is_fsdp_enabled = True
-        refuse_fsdp_warmup_teacher(self.args, self.is_fsdp_enabled)
+            check_fsdp_arguments(self.args, self.accelerator.state.fsdp_plugin)
+
+
+class EnginesMixin(CpuFsdpMixin):
+    """`SparseTrainer`'s part that meets the Trainer's distributed engines (a mixin before `Trainer` in its bases):
+    FSDP2 kept on CPU processes, and the refusals of set-ups it cannot train correctly."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        refuse_sharded_warmup_teacher(self.args, self.sharding_engine())
+
+    def sharding_engine(self) -> str | None:
+        """"FSDP" or "DeepSpeed ZeRO-3" when the weights are sharded over the ranks; None otherwise."""
+        if self.is_fsdp_enabled:
+            return "FSDP"
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3"
+        return None
 
     def _check_backend(self) -> None:
         """Before the first step (the schedule needs max_steps): what DeepSpeed cannot do."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .layers import SparseLinear
-from .sharded import local_slice, select
+from .sharded import local_slice, local_values
 from .structure import SparseStructure
 
 DROPPED_WEIGHTS_NAME = "hf_sparse_dropped.safetensors"
@@ -103,8 +103,8 @@ def restore_dropped(model: nn.Module, dropped: dict[str, torch.Tensor], source: 
         values = dropped[name]
         if values.numel() != idx.numel() * (1 if dim == -1 else param.numel() // param.shape[dim]):
             raise ValueError(f"{source}: {name} holds {values.numel()} dropped values, the mask needs another count")
-        local, local_idx, positions = local_slice(param.data, dim, idx.to(param.device))  # FSDP2: this rank's rows
-        put(local, dim, local_idx, select(values, dim, positions).to(local.device))
+        local, local_idx, box, positions = local_slice(param.data, dim, idx.to(param.device))  # FSDP2: this rank's block
+        put(local, dim, local_idx, local_values(values, dim, box, positions).to(local.device))
 
 
 class FrozenUnits:
@@ -138,7 +138,7 @@ class FrozenUnits:
             if not param.requires_grad:
                 continue  # a frozen base (LoRA): no optimizer moves it
             for t in [param.data] + self._states(param):
-                local, local_idx, _ = local_slice(t, dim, idx)  # FSDP2: each rank zeroes its own rows
+                local, local_idx, _, _ = local_slice(t, dim, idx)  # FSDP2: each rank zeroes its own block
                 _fill_zero(local, dim, local_idx)
         self.settled = keep.clone()
 
@@ -163,7 +163,7 @@ class FrozenUnits:
             if not param.requires_grad:
                 continue
             for t in [param.data] + self._states(param):
-                local, local_idx, _ = local_slice(t, dim, idx)  # FSDP2: each rank keeps its own rows
+                local, local_idx, _, _ = local_slice(t, dim, idx)  # FSDP2: each rank keeps its own block
                 self._saved.append((local, dim, local_idx, take(local, dim, local_idx)))
 
     @torch.no_grad()

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, Trainer
 
+from .backends import CpuFsdpMixin
 from .export import export_model, fix_masks
 from .hub import push_sparse_to_hub, save_model_card
 from .report import sparsity_report
@@ -97,15 +98,25 @@ def run_summary(metrics: dict[str, float], seconds: float, steps: int, metric_ke
             "step_seconds": seconds / max(steps, 1)}
 
 
+class DenseTrainer(CpuFsdpMixin, Trainer):
+    """The plain `Trainer` of `--compare_dense`, on the engine the sparse run had (FSDP2 on CPU processes too)."""
+
+
+def gather_sparse_run(trainer, results: dict):
+    """Right after the sparse run, before anything builds new TrainingArguments (a dense baseline's reset
+    Accelerate's shared state): records the engine that trained (NO, MULTI_CPU / MULTI_GPU, FSDP or DEEPSPEED) and
+    returns the model to export, gathered from the shards under FSDP / DeepSpeed (every rank takes part; ranks
+    other than the main one get None)."""
+    results["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    return trainer.unsharded_model()
+
+
 def finish_run(
-    trainer, tokenizer, training_args, recipe: RecipeArguments, results: dict, metric_key: str,
+    model, tokenizer, training_args, recipe: RecipeArguments, results: dict, metric_key: str,
     card_kwargs: dict[str, Any], speed_setting: str, push: bool, extra_rows: Callable[[dict], list[str]] | None = None,
 ) -> dict:
-    """Fix the mask, export `model/` (with tokenizer and model card), write results.json, print the table and
-    push when asked. Only the main process writes."""
-    # what trained it: NO, MULTI_CPU / MULTI_GPU (data parallel), FSDP or DEEPSPEED
-    results["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
-    model = trainer.unsharded_model()  # under FSDP / DeepSpeed gathered from the shards (every rank takes part)
+    """Fix the mask of `model` (from `gather_sparse_run`), export `model/` (with tokenizer and model card), write
+    results.json, print the table and push when asked. Only the main process writes."""
     if model is None or not training_args.should_save:
         return results
     fix_masks(model)

@@ -54,16 +54,16 @@ def save_trainer_model(save, model: nn.Module, output_dir: str, state_dict: dict
 
 
 @contextlib.contextmanager
-def outside_zero3(args):
+def outside_zero3():
     """Build models as plain modules while a DeepSpeed ZeRO-3 run is set up: Transformers otherwise constructs
     every model inside `deepspeed.zero.Init`, whose partitioning is a collective, and a model built on the main
     process alone would wait forever for the other ranks."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     # the object Transformers asks: the Trainer's own config (deepspeed=...) or Accelerate's (accelerate launch
-    # with a DeepSpeed config), held by a module-level weak reference
+    # with a DeepSpeed config), held by a module-level weak reference; only an active one is switched off and back
     ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    config = ref() if ref is not None else getattr(args, "hf_deepspeed_config", None)
+    config = ref() if ref is not None else None
     if config is None:
         yield
         return
@@ -124,13 +124,34 @@ class CheckpointMixin:
 
         from .export import load_sparse_model
 
+        self._check_gatherable()  # on every rank, before any collective
         with tempfile.TemporaryDirectory(prefix="hf_sparse_gathered_") as folder:
-            self.save_model(folder)
+            self.save_model(folder, _internal_call=True)  # (internal: no push_to_hub of a temporary folder)
             self.accelerator.wait_for_everyone()
             if not self.args.should_save:
                 return None
-            with outside_zero3(self.args):
+            with outside_zero3():
                 return load_sparse_model(folder)
+
+    def _check_gatherable(self) -> None:
+        """`save_model` writes one whole model only with a full state dict: refuse, naming the setting, where it
+        would write shards (FSDP's SHARDED_STATE_DICT) or nothing (ZeRO-3 without gathering the weights on save)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            kind = str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            if "FULL_STATE_DICT" not in kind:
+                raise ValueError(
+                    f"unsharded_model needs FSDP to save full state dicts, this run uses {kind}: set "
+                    "fsdp_config={'state_dict_type': 'FULL_STATE_DICT'} (fsdp_state_dict_type: FULL_STATE_DICT in the "
+                    "accelerate config), or export from a checkpoint after merging its shards"
+                )
+        if getattr(self, "is_deepspeed_enabled", False):
+            zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+                raise ValueError(
+                    "unsharded_model under ZeRO-3 needs the weights gathered on save: set "
+                    "zero_optimization.stage3_gather_16bit_weights_on_model_save to true in the DeepSpeed config "
+                    "(zero3_save_16bit_model: true in the accelerate config)"
+                )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the

@@ -29,14 +29,13 @@ import os
 from dataclasses import dataclass, field
 
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer,
-                          default_data_collator, set_seed)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, default_data_collator, set_seed)
 
 import hf_sparse
 from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.hub import describe_hardware
-from hf_sparse.recipe_utils import (RecipeArguments, RecipeTrainingArguments, finish_run, load_local_files, parse_args,
-                                   run_summary, timed_train)
+from hf_sparse.recipe_utils import (DenseTrainer, RecipeArguments, RecipeTrainingArguments, finish_run, gather_sparse_run,
+                                   load_local_files, parse_args, run_summary, timed_train)
 
 logger = logging.getLogger("causal_lm")
 
@@ -185,10 +184,11 @@ def main(argv=None):
         "task": described, "model": model_args.model_name_or_path or "Llama from scratch", "steps": out.global_step,
         "sparse": sparse, "sparse_config": sparse_config.to_dict(), "hardware": describe_hardware(),
     }
+    model = gather_sparse_run(trainer, results)  # before the dense run builds its arguments (see its docstring)
     if recipe.compare_dense:
         dense_args = CausalLMTrainingArguments(**{**training_args.to_dict(), "hub_token": None,
                                                   "output_dir": os.path.join(training_args.output_dir, "dense")})
-        dense_out, dense_metrics, dense_seconds = timed_train(make_trainer(Trainer, fresh_model(), dense_args))
+        dense_out, dense_metrics, dense_seconds = timed_train(make_trainer(DenseTrainer, fresh_model(), dense_args))
         results["dense"] = run_summary(dense_metrics, dense_seconds, dense_out.global_step, "perplexity",
                                        math.exp(dense_metrics["eval_loss"]))
         results["speedup_vs_dense"] = dense_seconds / seconds
@@ -197,7 +197,7 @@ def main(argv=None):
         base_model=model_args.model_name_or_path, eval_results={"validation perplexity": sparse["perplexity"]},
         dataset=described, report=report,
     )
-    finish_run(trainer, tokenizer, training_args, recipe, results, "perplexity", card_kwargs,
+    finish_run(model, tokenizer, training_args, recipe, results, "perplexity", card_kwargs,
                f"training step, batch {training_args.per_device_train_batch_size} x {data_args.block_size} tokens",
                push)
     trainer.accelerator.end_training()

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import hf_sparse
 from hf_sparse import SparseConfig, SparseTrainer
 from hf_sparse.hub import describe_hardware
-from hf_sparse.recipe_utils import (RecipeArguments, RecipeTrainingArguments, finish_run, load_local_files, parse_args,
-                                   run_summary, timed_train)
+from hf_sparse.recipe_utils import (DenseTrainer, RecipeArguments, RecipeTrainingArguments, finish_run, gather_sparse_run,
+                                   load_local_files, parse_args, run_summary, timed_train)
 
 logger = logging.getLogger("text_classification")
 
@@ -225,11 +225,12 @@ def main(argv=None):
         "metric": metric, "sparse": sparse, "majority_class": majority, "steps": train_out.global_step,
         "sparse_config": sparse_config.to_dict(), "hardware": describe_hardware(),
     }
+    model = gather_sparse_run(trainer, results)  # before the dense run builds its arguments (see its docstring)
     if recipe.compare_dense:
         dense_args = ClassificationTrainingArguments(**{**training_args.to_dict(), "hub_token": None,
                                                         "output_dir": os.path.join(training_args.output_dir, "dense")})
         dense_out, dense_metrics, dense_seconds = timed_train(
-            make_trainer(Trainer, fresh_model(), dense_args, ds, tokenizer, compute_metrics))
+            make_trainer(DenseTrainer, fresh_model(), dense_args, ds, tokenizer, compute_metrics))
         results["dense"] = run_summary(dense_metrics, dense_seconds, dense_out.global_step, metric,
                                        dense_metrics[f"eval_{metric}"])
         results["speedup_vs_dense"] = dense_seconds / seconds
@@ -239,7 +240,7 @@ def main(argv=None):
         eval_results={f"test {metric}": sparse[metric]}, dataset=described, report=report,
     )
     majority_row = (lambda r: [f"| majority class | {r['majority_class']:.4f} | | | | | |"]) if majority is not None else None
-    finish_run(trainer, tokenizer, training_args, recipe, results, metric, card_kwargs,
+    finish_run(model, tokenizer, training_args, recipe, results, metric, card_kwargs,
                f"training step, batch {training_args.per_device_train_batch_size} x up to {data_args.max_seq_length} "
                f"tokens ({train_out.global_step} steps)", push, majority_row)
     trainer.accelerator.end_training()

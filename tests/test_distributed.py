@@ -17,6 +17,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_two(script: str, *args: str, timeout: int = 600, **env) -> tuple[dict, dict]:
+    """Run tests/scripts/`script` on 2 processes (torchrun, gloo, one thread each); the ranks' result files."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = args[0]
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return (torch.load(os.path.join(out, "rank0.pt"), weights_only=False),
+            torch.load(os.path.join(out, "rank1.pt"), weights_only=False))
+
+
 @pytest.mark.parametrize("start", ["plain", "informed"])
 def test_two_processes_agree_on_masks_scores_and_weights(tmp_path, start):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -53,13 +65,7 @@ def test_fsdp2_sharded_weights_give_the_single_process_gradients_and_identical_s
     reductions in another order), dropped units get exactly zero, and a structure step (shared-seed masks, losses
     all-reduced, VR-PGE, Adam, projection) leaves identical masks and scores on both ranks. Handed a sharded
     model outside an FSDP set-up, SparseTrainer refuses it (the Trainer path is the next test)."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", "fsdp2_step.py"),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = torchrun_two("fsdp2_step.py", str(tmp_path))
     assert r0["world"] == r1["world"] == 2
     assert r0["grads"].keys() == r0["ref_grads"].keys() and len(r0["grads"]) > 10
     for name, grad in r0["grads"].items():
@@ -83,21 +89,15 @@ def test_sparse_trainer_under_fsdp2_matches_one_process_resumes_exactly_and_expo
     """`SparseTrainer` through the Trainer's own FSDP2 path (`fsdp="full_shard"`, version 2) on 2 CPU processes
     (gloo; `hf_sparse.backends.fsdp_on_cpu` keeps Accelerate from dropping FSDP for CPU processes): the weights are
     DTensors, both ranks hold the same scores and masks, and against one process on the same 8 batches of 8 the
-    scores and masks are identical and every weight is within 1e-5 (measured 3e-6: float32 reductions in another
-    order). A run resumed from checkpoint-4 ends bit for bit where the uninterrupted one did; `save_model` and
+    masks are identical, the scores within 1e-6 (measured identical) and every weight within 1e-5 (measured 3e-6:
+    float32 reductions in another order). A run resumed from checkpoint-4 ends bit for bit where the uninterrupted one did; `save_model` and
     `unsharded_model` gather one sparse checkpoint that reloads with exactly the trained weights, and its shrunk
     export (with its card) computes the same logits."""
     from trainer_helpers import FSDP_ARGS, arithmetic_sequences, tiny_llama
 
     import hf_sparse as hs
 
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", "fsdp2_train.py"),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = torchrun_two("fsdp2_train.py", str(tmp_path))
     assert r0["world"] == 2 and r0["fsdp"] and r0["first"]["sharded"]  # really sharded, not DDP
     first = r0["first"]
     for key in ("scores", "masks"):
@@ -157,14 +157,7 @@ def test_sparse_trainer_under_deepspeed_zero_matches_one_process_and_resumes_exa
     logits within 1e-5 (measured 3e-7); resuming from checkpoint-6 ends where the uninterrupted run did; a schedule
     with a search is refused (DeepSpeed steps its own fp32 partitions, so hf_sparse cannot hold dropped units still)."""
     import deepspeed  # noqa: F401  (the dev set-up installs it: Makefile; the test is not skipped without it)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "scripts", "deepspeed_train.py"),
-           str(tmp_path), str(stage)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    r0, r1 = torchrun_two("deepspeed_train.py", str(tmp_path), str(stage), timeout=300, DS_ACCELERATOR="cpu")
     assert r0["world"] == 2 and r0["deepspeed"] and r0["stage"] == stage
     first, single = r0["first"], one_process_defaults
     for key in ("scores", "masks"):

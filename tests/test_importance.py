@@ -27,6 +27,24 @@ def _gate_gradients(model, batch):
     return torch.cat(grads).double()
 
 
+def test_data_parallel_importance_squares_the_mean_of_the_ranks_derivatives():
+    """Two ranks, each with half of a step's batch: the importance of the step is the square of the mean of their
+    gate derivatives (the whole batch's derivative, as one process computes it), not the mean of their squares.
+    `reduce` stands in for the all-reduce (mean) with the other rank's derivatives."""
+    model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5))
+    data = arithmetic_sequences(16)
+    halves = [{k: torch.tensor(data[i * 4:(i + 1) * 4][k]) for k in ("input_ids", "labels")} for i in range(2)]
+    whole = {k: torch.cat([h[k] for h in halves]) for k in ("input_ids", "labels")}
+    derivatives = [_gate_gradients(model, h) for h in halves]  # each rank's (its half's mean loss)
+    imp = TaylorImportance(model)
+    with imp.track():
+        model(**halves[0]).loss.backward()  # this rank's half
+    imp.end_step(reduce=lambda d: (d + derivatives[1]) / 2)
+    torch.testing.assert_close(imp.flat(), _gate_gradients(model, whole) ** 2, rtol=1e-4, atol=0)
+    mean_of_squares = (derivatives[0] ** 2 + derivatives[1] ** 2) / 2
+    assert not torch.allclose(imp.flat(), mean_of_squares, rtol=1e-2)  # what the ranks averaged before
+
+
 def test_taylor_importance_is_the_squared_gate_derivative_averaged_over_steps():
     model = hs.sparsify_model(tiny_llama(), SparseConfig(sparsity=0.5))  # heads (GQA groups) and neurons
     data = arithmetic_sequences(16)

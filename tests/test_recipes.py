@@ -76,7 +76,7 @@ def test_recipe_help_and_bad_input(tmp_path):
 
 @pytest.mark.parametrize("config, engine, extra", [
     ("cpu_2proc", "MULTI_CPU", []),
-    ("fsdp_cpu_2proc", "FSDP", []),
+    ("fsdp_cpu_2proc", "FSDP", ["--compare_dense"]),  # the dense baseline must not undo the sparse run's FSDP
     ("deepspeed_cpu_2proc", "DEEPSPEED", ["--fix_masks_at", "0.1"]),  # no search under DeepSpeed (refused)
 ])
 def test_two_process_accelerate_launch_of_a_recipe(tmp_path, config, engine, extra):
@@ -99,6 +99,7 @@ def test_two_process_accelerate_launch_of_a_recipe(tmp_path, config, engine, ext
     assert results["steps"] == 4 and abs(results["sparse"]["sparsity"] - 0.5) < 0.02
     assert "| hf_sparse |" in proc.stdout
     assert results["distributed_type"] == engine
+    assert ("dense" in results) == ("--compare_dense" in extra)
     model = hs.load_sparse_model(tmp_path / "model")  # the shrunk export, gathered from the shards under FSDP
     kept = [layer.out_features for name, layer in model.named_modules() if name.endswith("mlp.up_proj")]
     assert len(kept) == 2 and sum(kept) < 2 * 64  # intermediate_size 64: neurons were removed
