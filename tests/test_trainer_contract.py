@@ -204,31 +204,6 @@ def test_deepspeed_with_several_backward_passes_is_refused(tmp_path):
         trainer._check_backend()
 
 
-def test_fsdp1_on_cpu_processes_is_refused_and_plain_data_parallel_is_left_alone(monkeypatch):
-    """`fsdp_on_cpu` (the FSDP2-on-CPU shim) refuses FSDP1 naming the fix, and touches neither a CPU data-parallel
-    run without an FSDP config nor a state Accelerate already set up. Stand-ins for the accelerator and the
-    arguments: the real 2-process FSDP2 run is tests/test_distributed.py."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from hf_sparse.backends import fsdp_on_cpu
-
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # as `accelerate launch` sets it for an FSDP config
-
-    def accelerator(kind):
-        return SimpleNamespace(state=SimpleNamespace(distributed_type=kind, mixed_precision="no"))
-
-    with pytest.raises(ValueError, match=r"FSDP version 1 .*'version': 2"):
-        fsdp_on_cpu(accelerator(DistributedType.MULTI_CPU), SimpleNamespace(fsdp_plugin_args={"fsdp_version": 1}))
-    ddp = accelerator(DistributedType.MULTI_CPU)
-    assert not fsdp_on_cpu(ddp, SimpleNamespace(fsdp_plugin_args=None))
-    assert ddp.state.distributed_type == DistributedType.MULTI_CPU and not hasattr(ddp.state, "fsdp_plugin")
-    gpu = accelerator(DistributedType.MULTI_GPU)
-    assert not fsdp_on_cpu(gpu, SimpleNamespace(fsdp_plugin_args={"fsdp_version": 2}))
-    assert gpu.state.distributed_type == DistributedType.MULTI_GPU
-
-
 # --- 4: common random numbers under dropout --------------------------------------------------------------
 def _dropout_bert():
     from transformers import BertConfig, BertForSequenceClassification
