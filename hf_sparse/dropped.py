@@ -103,7 +103,8 @@ def restore_dropped(model: nn.Module, dropped: dict[str, torch.Tensor], source: 
         values = dropped[name]
         if values.numel() != idx.numel() * (1 if dim == -1 else param.numel() // param.shape[dim]):
             raise ValueError(f"{source}: {name} holds {values.numel()} dropped values, the mask needs another count")
-        local, local_idx, box, positions = local_slice(param.data, dim, idx.to(param.device))  # FSDP2: this rank's block
+        # FSDP2: this rank's block only
+        local, local_idx, box, positions = local_slice(param.data, dim, idx.to(param.device))
         put(local, dim, local_idx, local_values(values, dim, box, positions).to(local.device))
 
 
@@ -176,4 +177,5 @@ class FrozenUnits:
         """The optimizer-state tensors laid out like the parameter (Adam's moments; not its step counter)."""
         if self.optimizer is None:
             return []
-        return [v for v in self.optimizer.state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape]
+        state = self.optimizer.state.get(param, {})
+        return [v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]

@@ -94,7 +94,7 @@ class TaylorImportance:
             reduced = reduce(flat)
             self._step = {id(g): d for g, d in zip(self.structure, torch.split(reduced, self.structure.sizes))}
         for key, d in self._step.items():
-            self.sums[key] += d.to(self.sums[key].device)**2
+            self.sums[key] += d**2
         self._step = {}
         self.steps += 1
 

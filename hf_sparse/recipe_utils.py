@@ -103,8 +103,8 @@ class DenseTrainer(CpuFsdpMixin, Trainer):
 
 
 def gather_sparse_run(trainer, results: dict):
-    """Right after the sparse run, before anything builds new TrainingArguments (a dense baseline's reset
-    Accelerate's shared state): records the engine that trained (NO, MULTI_CPU / MULTI_GPU, FSDP or DEEPSPEED) and
+    """Right after the sparse run, before anything builds new TrainingArguments (a dense baseline's arguments
+    reset Accelerate's shared state): records the engine that trained (NO, MULTI_CPU / MULTI_GPU, FSDP or DEEPSPEED) and
     returns the model to export, gathered from the shards under FSDP / DeepSpeed (every rank takes part; ranks
     other than the main one get None)."""
     results["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]

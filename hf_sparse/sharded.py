@@ -57,7 +57,9 @@ class Box:
         return out
 
 
-def local_slice(t: torch.Tensor, dim: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Box | None, torch.Tensor | None]:
+def local_slice(
+    t: torch.Tensor, dim: int, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Box | None, torch.Tensor | None]:
     """(the tensor this rank holds, the slice's indices in it, its block and the positions of those entries among
     `idx`; the last two None when the tensor is not sharded and every index is local)."""
     if not is_sharded(t):

@@ -26,10 +26,7 @@ from .dropped import DROPPED_WEIGHTS_NAME, split_dropped
 from .folders import restore_from_folder, write_dropped
 from .model_state import get_sparse_config, is_sparsified
 
-try:
-    from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
-except ImportError:  # pragma: no cover - older accelerate
-    FSDP_MODEL_NAME = "pytorch_model_fsdp"
+from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
 
 logger = logging.get_logger(__name__)
 
@@ -67,12 +64,11 @@ def outside_zero3():
     if config is None:
         yield
         return
-    set_hf_deepspeed_config, unset_hf_deepspeed_config = hf_deepspeed.set_hf_deepspeed_config, hf_deepspeed.unset_hf_deepspeed_config
-    unset_hf_deepspeed_config()
+    hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
     finally:
-        set_hf_deepspeed_config(config)
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def sparse_files(folder: str) -> list[str]:

@@ -32,8 +32,9 @@ class SparseTrainingArguments(TrainingArguments):
     against dense 0.693 / 0.657, where the paper's schedule (`PAPER_SCHEDULE`: search from the dense model,
     fixed at 80%) ended at chance (0.504 / 0.507), as did random units (0.499 / 0.507); a search after the
     informed start (3 seeds: -0.0 / -0.4 points), distillation and a 40% warm-up added nothing measurable. The
-    search itself is reached with `**PAPER_SCHEDULE` (or any `fix_masks_at` after the warm-up). For pretraining from scratch use a short
-    warm-up and a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half keeps nothing there.
+    search itself is reached with `**PAPER_SCHEDULE` (or any `fix_masks_at` after the warm-up). For pretraining
+    from scratch use a short warm-up and a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half
+    keeps nothing there.
 
     Parameters:
         > Structure optimizer
