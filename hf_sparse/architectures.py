@@ -35,6 +35,18 @@ class Member:
 
 
 @dataclass(frozen=True)
+class EmptyBlock:
+    """What to skip while a block keeps no unit (hf_sparse/empty_blocks.py): `core`, the module computing from
+    the units (path from the block, "" = the block itself); `norm`, a sibling of the block that feeds only it
+    (a pre-norm), skipped too; `dropout`, the core's output dropout (path from the core), applied to the
+    bias it returns."""
+
+    core: str = ""
+    norm: str | None = None
+    dropout: str | None = None
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     anchor: str  # regex searched at the end of a module's full name, e.g. r"layers\.\d+\.mlp"
     members: tuple[Member, ...]
@@ -44,6 +56,8 @@ class BlockSpec:
     # Attention only: the attributes `shrink_model` sets to the kept counts, and where the head size is read.
     shrink_attrs: tuple[tuple[str, str], ...] = DEFAULT_SHRINK_ATTRS
     head_dim_attrs: tuple[str, ...] = DEFAULT_HEAD_DIM_ATTRS
+    # Skipped while nothing is kept; None: the block computes one stand-in unit instead (see layers.py).
+    empty: EmptyBlock | None = None
 
     def matches(self, name: str) -> bool:
         return re.search(rf"(^|\.){self.anchor}$", name) is not None
@@ -66,7 +80,8 @@ class ArchitectureSpec:
     def from_dict(cls, data: dict[str, Any]) -> "ArchitectureSpec":
         """`{"mlp": {"anchor": ..., "members": [{"path", "role", "width", "segments"}]}, "attention": {...,
         "head_attrs": [["num_heads", "1"]], "shrink_attrs": [["n_heads", "query_heads"]], "head_dim_attrs":
-        ["head_size"]}, "decoder": true}`; either block may be missing."""
+        ["head_size"], "empty": {"core": "", "norm": "ln_1"}}, "decoder": true}`; either block may be missing.
+        Without "empty" a block with nothing kept computes one stand-in unit (correct for any layout)."""
         unknown = sorted(set(data) - {"mlp", "attention", "decoder", "notes"})
         if unknown:
             raise ValueError(f"SparseConfig.architecture has unknown keys {unknown}; expected 'mlp' and/or 'attention'")
@@ -83,6 +98,7 @@ class ArchitectureSpec:
                     head_attrs=tuple(tuple(a) for a in block.get("head_attrs", ())),
                     shrink_attrs=tuple(tuple(a) for a in block.get("shrink_attrs", DEFAULT_SHRINK_ATTRS)),
                     head_dim_attrs=tuple(block.get("head_dim_attrs", DEFAULT_HEAD_DIM_ATTRS)),
+                    empty=EmptyBlock(**block["empty"]) if block.get("empty") is not None else None,
                 )
             except (KeyError, TypeError) as e:
                 raise ValueError(f"SparseConfig.architecture[{key!r}] is malformed ({e}); see ArchitectureSpec.from_dict") from e
@@ -104,43 +120,49 @@ class ArchitectureSpec:
         return cls(**blocks, decoder=bool(data.get("decoder", False)), notes=data.get("notes", ""))
 
 
-def _plain_mlp(anchor: str, up: tuple[str, ...], down: str) -> BlockSpec:
-    return BlockSpec(anchor, tuple(Member(p, "out") for p in up) + (Member(down, "in"),))
+def _plain_mlp(anchor: str, up: tuple[str, ...], down: str, empty: EmptyBlock | None = None) -> BlockSpec:
+    return BlockSpec(anchor, tuple(Member(p, "out") for p in up) + (Member(down, "in"),), empty=empty)
 
 
-def _qkvo_attention(anchor: str, q: str, k: str, v: str, o: str, head_attrs=()) -> BlockSpec:
+def _qkvo_attention(anchor: str, q: str, k: str, v: str, o: str, head_attrs=(), empty=None) -> BlockSpec:
     members = (Member(q, "out", "group"), Member(k, "out", "head"), Member(v, "out", "head"), Member(o, "in", "group"))
-    return BlockSpec(anchor, members, head_attrs)
+    return BlockSpec(anchor, members, head_attrs, empty=empty)
 
 
+# Post-norm encoders: the norm after the residual is not skippable; the attention's and MLP's insides are.
 _BERT = ArchitectureSpec(
-    mlp=_plain_mlp(r"layer\.\d+", ("intermediate.dense",), "output.dense"),
-    attention=_qkvo_attention(r"layer\.\d+\.attention", "self.query", "self.key", "self.value", "output.dense"),
+    mlp=_plain_mlp(r"layer\.\d+", ("intermediate.dense",), "output.dense", EmptyBlock("intermediate")),
+    attention=_qkvo_attention(r"layer\.\d+\.attention", "self.query", "self.key", "self.value", "output.dense",
+                              empty=EmptyBlock("self")),
     notes="BERT-style encoders: intermediate.dense / output.dense, self.{query,key,value} / output.dense",
 )
 _GPT2 = ArchitectureSpec(
-    mlp=_plain_mlp(r"h\.\d+\.mlp", ("c_fc",), "c_proj"),
+    mlp=_plain_mlp(r"h\.\d+\.mlp", ("c_fc",), "c_proj", EmptyBlock("", "ln_2", "dropout")),
     attention=BlockSpec(
         r"h\.\d+\.attn",
         (Member("c_attn", "out", "head", segments=3), Member("c_proj", "in", "head")),
         head_attrs=(("split_size", "head"), ("num_heads", "1")),
+        empty=EmptyBlock("", "ln_1", "resid_dropout"),
     ),
     decoder=True,
     notes="GPT-2: Conv1D layers, fused c_attn split by split_size",
 )
 _LLAMA = ArchitectureSpec(
-    mlp=_plain_mlp(r"layers\.\d+\.mlp", ("gate_proj", "up_proj"), "down_proj"),
-    attention=_qkvo_attention(r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "o_proj"),
+    mlp=_plain_mlp(r"layers\.\d+\.mlp", ("gate_proj", "up_proj"), "down_proj", EmptyBlock("", "post_attention_layernorm")),
+    attention=_qkvo_attention(r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "o_proj",
+                              empty=EmptyBlock("", "input_layernorm")),
     decoder=True,
     notes="Llama-style decoders: gated MLP, grouped-query attention (a unit is one key/value group)",
 )
 _OPT = ArchitectureSpec(
     mlp=_plain_mlp(r"layers\.\d+", ("fc1",), "fc2"),
     attention=_qkvo_attention(
-        r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "out_proj", head_attrs=(("num_heads", "1"),)
+        r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "out_proj", head_attrs=(("num_heads", "1"),),
+        empty=EmptyBlock(""),  # its norm is a pre-norm or a post-norm depending on the config: not skipped
     ),
     decoder=True,
-    notes="OPT: fc1 / fc2 in the decoder layer; attention reshapes with self.num_heads",
+    notes="OPT: fc1 / fc2 in the decoder layer (no module of their own: an empty MLP computes a stand-in "
+          "unit); attention reshapes with self.num_heads",
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {

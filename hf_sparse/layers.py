@@ -74,7 +74,7 @@ class _GatheredLinear(torch.autograd.Function):
             grad_x = grad_out.matmul(w.index_select(ctx.dim, idx).to(dtype))
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_kept = g2.t().mm(x.reshape(-1, x.shape[-1]).to(dtype))  # [out or kept, kept or in]
+            grad_kept = g2.t().mm(x.reshape(g2.shape[0], x.shape[-1]).to(dtype))  # [out or kept, kept or in]
             grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=grad_out.device)
             (grad_w.t() if ctx.transposed else grad_w).index_copy_(ctx.dim, idx, grad_kept.to(weight.dtype))
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
@@ -190,8 +190,11 @@ class SparseLinear(nn.Module):
                 x = x * group.expanded_mask(self.width).to(x.dtype)
             return F.linear(x, w, self.bias)
         idx = group.index(self.width, self.segments, self.segment_size)
-        if self.role == "in" and group.none_kept:  # the one computed stand-in unit is dropped too
-            x = x * 0
+        if self.role == "in" and group.none_kept:
+            if x.shape[-1] == 0:  # the block's core was skipped (empty_blocks.py): the output is the bias
+                idx = idx[:0]
+            else:  # the one computed stand-in unit is dropped too
+                x = x * 0
         return gathered_linear(x, self.weight, self.bias, idx, 0 if self.role == "out" else 1, self.transposed)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 from .architectures import BlockSpec, get_architecture, head_geometry
 from .budget import project_to_budget
 from .config import SparseConfig
+from .empty_blocks import EmptySkip, install_skip, remove_skip, remove_skips
 from .layers import SUPPORTED_LAYER_TYPES, MaskedWeightLinear, SparseLinear, is_supported_linear, layer_features
 from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts
 from .shrink import shrink_model
@@ -103,8 +104,35 @@ def _build_block_groups(model, config, spec: BlockSpec, kind: str, geometry, can
             _name_matches(n, config.exclude_modules) for n in names + [block_name]
         ):
             continue
-        plans.append(_plan_block(block_name, block, members, spec, kind, geometry, config))
+        plan = _plan_block(block_name, block, members, spec, kind, geometry, config)
+        plans.append(plan + (None, _empty_skips(model, block_name, block, spec, plan[2], geometry)))
     return plans
+
+
+def _empty_skips(model, block_name: str, block: nn.Module, spec: BlockSpec, group: UnitGroup, geometry):
+    """The modules to skip while the group keeps nothing (empty_blocks.py), from the layout's `empty`."""
+    empty = spec.empty
+    if empty is None or group.compute != "gather":
+        return []
+    where = f"the empty-block layout of {block_name!r} ({empty})"
+    try:
+        core = _get(block, empty.core)
+    except AttributeError:
+        raise ValueError(f"{where}: the block has no module {empty.core!r}") from None
+    consumer = next(m.path for m in spec.members if m.role == "in")
+    inside = empty.core == "" or consumer.startswith(empty.core + ".")
+    consumer = (consumer[len(empty.core) + 1:] if empty.core else consumer) if inside else None
+    if empty.dropout is not None and not isinstance(getattr(core, empty.dropout, None), nn.Module):
+        raise ValueError(f"{where}: the core has no dropout module {empty.dropout!r}")
+    norm = None
+    if empty.norm is not None:
+        norm = getattr(_get(model, block_name.rpartition(".")[0]), empty.norm, None)
+        if not isinstance(norm, nn.Module):
+            raise ValueError(f"{where}: the block's parent has no norm module {empty.norm!r}")
+    head_dim = geometry.head_dim if group.kind == "head" else 0
+    core_skip = EmptySkip(group, "core", consumer, empty.dropout if inside else None, head_dim,
+                          (norm,) if norm is not None else ())
+    return [(core, core_skip)] + ([(norm, EmptySkip(group, "norm"))] if norm is not None else [])
 
 
 def _plan_block(block_name, block, members, spec, kind, geometry, config):
@@ -191,7 +219,7 @@ def _build_weight_groups(model, config, spec, candidates):
             swaps = [_Swap(parent, child, module, MaskedWeightLinear.from_linear(module, group))]
             owner_name, owner = parent_path, parent
         # the owner may hold several projections: name the group after the layer
-        plans.append((owner_name, owner, group, swaps, [], f"sparse_weights_{child}" if owner is parent else None))
+        plans.append((owner_name, owner, group, swaps, [], f"sparse_weights_{child}" if owner is parent else None, []))
     return plans
 
 
@@ -235,7 +263,7 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
         geometry = head_geometry(model_config) if "head" in config.granularity else None
         plans = []
         for kind in config.granularity:
-            plans += [p + (None,) for p in _build_block_groups(model, config, blocks[kind], kind, geometry, candidates)]
+            plans += _build_block_groups(model, config, blocks[kind], kind, geometry, candidates)
     if filter_fn is not None:
         plans = [p for p in plans if filter_fn(p[1], p[0])]
     if not plans:
@@ -249,8 +277,9 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
 
     done: list[_Swap] = []
     registered: list[tuple[nn.Module, str]] = []
+    skipped: list[nn.Module] = []
     try:
-        for owner_name, owner, group, swaps, head_attrs, attr in plans:
+        for owner_name, owner, group, swaps, head_attrs, attr, skips in plans:
             attr = attr or GROUP_ATTR[group.kind]
             if hasattr(owner, attr):
                 raise ValueError(f"{owner_name or 'the model'} already has an attribute {attr!r}")
@@ -261,9 +290,14 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
                 done.append(s)
             for module, name, width in head_attrs:
                 group.track_head_attr(module, name, width)
+            for module, skip in skips:
+                install_skip(module, skip)
+                skipped.append(module)
         setattr(model, CONFIG_ATTR, config)
         init_scores(model, config)
     except BaseException:
+        for module in skipped:
+            remove_skip(module)
         for s in reversed(done):
             setattr(s.parent, s.name, s.old)
         for owner, attr in registered:
@@ -368,6 +402,7 @@ def unsparsify_model(model: nn.Module, shrink: bool = False) -> nn.Module:
         raise ValueError("this model is not sparsified; there is nothing to undo")
     if shrink:
         return shrink_model(model)
+    remove_skips(model)
     for parent, name, layer in list(_swapped_layers(model)):
         setattr(parent, name, layer.to_linear(zero_dropped=True))
     for parent in list(model.modules()):

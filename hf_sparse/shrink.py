@@ -6,7 +6,6 @@ attention module with no head left becomes `NoHeadsAttention`; a GPT-2 `Conv1D` 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections import defaultdict
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .architectures import DEFAULT_HEAD_DIM_ATTRS, DEFAULT_SHRINK_ATTRS, head_geometry
+from .empty_blocks import remove_skips, update_empty_cache
 from .layers import Conv1D, MaskedWeightLinear, SparseLinear, layer_features
 from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts, parent_module
 from .structure import SparseStructure, unit_rows
@@ -55,12 +55,7 @@ class NoHeadsAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         x = hidden_states if hidden_states is not None else args[0]
         lead = x.shape[:-1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        layer_idx = getattr(self, "layer_idx", None)
-        if cache is not None and hasattr(cache, "update") and layer_idx is not None and x.dim() == 3:
-            empty = x.new_zeros(x.shape[0], 0, x.shape[1], self.removed_head_dim)
-            with contextlib.suppress(Exception):  # a cache that cannot hold zero heads just stays unused
-                cache.update(empty, empty.clone(), layer_idx)
+        update_empty_cache(self, x, kwargs, self.removed_head_dim)
         if self.consumer is None:
             return x.new_zeros(*lead, 0), None
         layer = self.get_submodule(self.consumer)
@@ -173,6 +168,7 @@ def shrink_model(model: nn.Module) -> nn.Module:
                 no_heads = (attn_name, consumer[len(attn_name) + 1:] if inside else None, head_dim)
         plan.append((group_name, group, new_layers, attrs, no_heads))
 
+    remove_skips(model)  # the cores of empty blocks get their own classes back (NoHeadsAttention copies them)
     for group_name, group, new_layers, attrs, no_heads in plan:
         for name, layer, new in new_layers:
             parent, child = parent_module(model, name)
