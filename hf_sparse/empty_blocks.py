@@ -9,7 +9,7 @@ block), the norm is skipped too: its output would be read by nobody.
 
 Exactness: forward values and every gradient equal the stand-in path's (a dropped block's output is the
 bias either way; its parameters' gradients are exact zeros either way, given explicitly here so that DDP,
-FSDP and Adam see the same parameters with gradients). A decoder's cache still receives an empty key/value
+FSDP and Adam see the same parameters with gradients). A decoder's cache still receives a (zero) key/value
 so its length stays right.
 
 Mechanics: the core's and the norm's classes are swapped for a subclass of their own (same name, one
@@ -46,11 +46,13 @@ class _ZeroGrads(torch.autograd.Function):
 
 
 def update_empty_cache(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], head_dim: int) -> None:
-    """Hand an attention with no head an empty key/value for the cache, so the cache length stays right."""
+    """Hand an attention with no head one zero key/value head for the cache, so the cache counts the positions
+    seen (Transformers' cache layers report length 0 for a tensor of no elements, and the model reads its
+    position offset from the first layer). Nobody reads these values: the attention is never computed."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     layer_idx = getattr(module, "layer_idx", None)
     if cache is not None and hasattr(cache, "update") and layer_idx is not None and x.dim() == 3:
-        empty = x.new_zeros(x.shape[0], 0, x.shape[1], head_dim)
+        empty = x.new_zeros(x.shape[0], 1, x.shape[1], head_dim)
         with contextlib.suppress(Exception):  # a cache that cannot hold zero heads just stays unused
             cache.update(empty, empty.clone(), layer_idx)
 

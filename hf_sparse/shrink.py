@@ -36,7 +36,7 @@ class NoHeadsAttention(nn.Module):
     """Stands in for an attention module whose heads were all removed: the attention adds nothing, so its
     output is the output projection's bias (or, where the projection lives outside, an empty tensor that the
     outer output layer turns into its bias). It keeps the original submodules (zero-sized), so state-dict
-    keys do not change, and hands an empty key/value to the cache so the cache length stays right."""
+    keys do not change, and hands a zero key/value head to the cache so the cache length stays right."""
 
     def __init__(self, original: nn.Module, consumer: str | None, head_dim: int):
         super().__init__()

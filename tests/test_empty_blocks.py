@@ -108,6 +108,11 @@ def test_generation_with_an_empty_attention_keeps_the_cache_right(arch):
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         torch.testing.assert_close(model.generate(ids, **kw), stand_in.generate(ids, **kw), rtol=0, atol=0)
+        caches = [m(ids, use_cache=True).past_key_values for m in (model, hs.shrink_model(copy.deepcopy(model)))]
+    # every layer's cache, the empty one's included (while training and once shrunk), counts the 5 positions seen:
+    # the model reads its position offset from the first layer's cache
+    for cache in caches:
+        assert [cache.get_seq_length(i) for i in range(model.config.num_hidden_layers)] == [5, 5]
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
