@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     print(f"| **whole run** (training only) | {a.steps} | | **{w:.2f}x** | {whole_bound:.2f}x | {100 * w / whole_bound:.0f}% |")
     accs = [(d["accuracy"], s["accuracy"]) for d, s in pairs]
     print(f"\naccuracy: dense {statistics.mean(x for x, _ in accs):.3f}, sparse {statistics.mean(y for _, y in accs):.3f}; "
-          f"training FLOPs vs dense {pairs[0][1]['dense_step_flops'] / a.steps:.2f}")
+          f"training FLOPs vs dense {pairs[0][1]['dense_step_flops'] / a.steps:.2f}; unit groups with nothing kept "
+          f"{pairs[0][1].get('empty_groups')} of {pairs[0][1].get('groups')}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"u": share, "rho": rho, "pairs": pairs, "rows": rows, "whole": whole,

@@ -177,6 +177,9 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
     if hs.is_sparsified(model):
         report = hs.sparsity_report(model)
         row["kept_fraction"] = report.prunable_params_kept / max(report.prunable_params, 1)
+        # blocks with every unit dropped (they cost nothing: hf_sparse/empty_blocks.py)
+        groups = hs.SparseStructure(model).groups
+        row["empty_groups"], row["groups"] = sum(g.none_kept for g in groups), len(groups)
     return row
 
 

@@ -286,6 +286,11 @@ def run_benchmark(
     def sparse_trainer(model, rho, **kw):
         config = SparseConfig(sparsity=max(0.0, 1.0 - rho), score_init="budget")
         sparsify_model(model, config)
+        if kw.get("fix_masks_at") == 0.0:
+            # a fixed row times a mask of kept fraction rho: random scores (equal ones are refused as a tie),
+            # so every layer keeps about rho of its units, the mask fixed at the first step by top-K
+            structure = SparseStructure(model)
+            structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(0)))
         args = _args(out_dir, dev, bf16, budget_schedule_start=0.0, budget_schedule_end=0.0, **kw)
         return SparseTrainer(model=model, args=args)
 

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import PhiConfig, PhiForCausalLM
 
 import hf_sparse as hs
@@ -97,3 +98,17 @@ def test_the_benchmark_builder_reads_the_family_from_the_entry(monkeypatch, tmp_
     monkeypatch.setitem(hs.ARCHITECTURES, "phi", hs.ArchitectureSpec(mlp=PHI.mlp, attention=PHI.attention))
     _, task = bench.build_model(str(tmp_path / "phi"), torch.float32)
     assert task == "cls"  # not a decoder by its entry: a sequence classifier
+
+
+def test_the_benchmark_times_every_mode_at_the_asked_kept_fraction(tmp_path):
+    """`hf-sparse bench` on a tiny local model: every row runs (the fixed row once failed on the trainer's
+    refusal of an all-equal mask) and keeps about the asked fraction; speed itself is measured in benchmarks."""
+    from hf_sparse import bench
+
+    model = tiny_model("bert", head="classification")
+    model.save_pretrained(tmp_path / "bert")
+    rows = bench.run_benchmark(str(tmp_path / "bert"), batch=2, seq=8, kept=(0.5,), modes=("search", "fixed"),
+                               warmup=1, steps=1, device="cpu", log=lambda s: None, memory=False)
+    assert [r.mode for r in rows] == ["dense", "search", "fixed"]
+    for row in rows[1:]:
+        assert abs(row.kept - 0.5) < 0.1 and row.step_ms > 0 and row.bound > 0
