@@ -28,7 +28,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import Trainer
 
-    from hf_sparse import SparseConfig, SparseTrainer, sparsify_model
+    from hf_sparse import SparseConfig, SparseStructure, SparseTrainer, sparsify_model
 
     dev = torch.device("cpu")
     model, task = build_model(a.model)
@@ -37,7 +37,11 @@ def main():
     else:
         sparsify_model(model, SparseConfig(sparsity=1 - a.kept, score_init="budget"))
         extra = dict(fix_masks_at=0.0) if a.mode == "fixed" else dict(fix_masks_at=1.0)
-        trainer = SparseTrainer(model=model, args=_args("/tmp/hf_sparse_profile", dev, False, budget_schedule_end=0.0, **extra))
+        if a.mode == "fixed":  # random scores: a mask among equal ones is refused as a tie (as in hf-sparse bench)
+            structure = SparseStructure(model)
+            structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(0)))
+        trainer = SparseTrainer(model=model, args=_args("/tmp/hf_sparse_profile", dev, False, budget_schedule_start=0.0,
+                                                        budget_schedule_end=0.0, **extra))
     _prepare(trainer)
     batch = make_batch(model, task, a.batch_size, a.seq_len, dev)
 

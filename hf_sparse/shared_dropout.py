@@ -8,8 +8,15 @@ input's device from (a per-step base seed, the module's index, its call count in
 whose shape does not depend on the mask (the hidden-state dropout after each block, for example) gets the
 same dropout bits in every forward, whatever the masks did before it.
 
+Each call's keep mask is drawn once per structure update and reused by the later forwards whose tensor has its
+shape: random numbers are slow on a CPU (drawing a mask costs ~30 multiplies there, measured in
+docs/benchmarks.md), and a search step runs two forwards over hidden states no mask changes. The masks come from
+`torch.rand` (half the time of `bernoulli_` here) and are applied as `x * (keep / (1 - p))`, as dropout does. After
+each call the generator is reseeded from (base seed, module, call) again, so the functional dropouts that follow
+(inside attention) draw alike in every forward whether the mask was drawn or reused.
+
 Gradient checkpointing recomputes a segment's forward during backward: the call counts are reset when a
-forward ends, so a recomputed module call (counted from 0 again) draws the bits of its first call. A module
+forward ends, so a recomputed module call (counted from 0 again) reuses the mask of its first call. A module
 called several times inside one checkpointed segment recomputes in the same order and stays aligned.
 """
 
@@ -37,12 +44,15 @@ def _reseed(device: torch.device, seed: int) -> None:
 
 
 class SharedDropout:
-    """Pre-hooks on the model's dropout modules, active inside `active(base_seed)`."""
+    """Hooks on the model's dropout modules, active inside `active(base_seed)`: the pre-hook finds (or draws) the
+    call's keep mask and turns the module's own forward into the identity; the post-hook applies the mask."""
 
     def __init__(self, model: nn.Module):
         self.modules = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
         self.base: int | None = None
         self.calls: dict[int, int] = {}
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}  # (module, call) -> keep mask, for this update
+        self._pending: dict[int, tuple[nn.Module, torch.Tensor]] = {}
 
     def new_forward(self) -> None:
         """Call at the start and at the end of each forward (see the module docstring)."""
@@ -50,26 +60,49 @@ class SharedDropout:
 
     @contextmanager
     def active(self, base_seed: int):
-        self.base, self.calls = int(base_seed), {}
-        handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        self.base, self.calls, self.masks = int(base_seed), {}, {}
+        handles = []
+        for i, m in enumerate(self.modules):  # prepended: hooks a user put on dropout see the dropped output
+            handles.append(m.register_forward_pre_hook(self._pre_hook(i), prepend=True))
+            handles.append(m.register_forward_hook(self._post_hook(i), prepend=True))
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
-            self.base = None
+            for module, _ in self._pending.values():  # a forward that raised between the two hooks
+                module.training = True
+            self.base, self.masks, self._pending = None, {}, {}
 
-    def _hook(self, index: int):
+    def _pre_hook(self, index: int):
         def pre_hook(module, args):
-            if self.base is None or not module.training or module.p == 0 or not args:
+            if self.base is None or not module.training or module.p == 0 or not args or not torch.is_tensor(args[0]):
                 return
             call = self.calls.get(index, 0)
             self.calls[index] = call + 1
             x = args[0]
-            if torch.is_tensor(x):
+            keep = self.masks.get((index, call))
+            if keep is None or keep.shape != x.shape or keep.device != x.device or keep.dtype != x.dtype:
                 _reseed(x.device, _seed(self.base, index, call))
+                # kept as the scaled multiplier itself: one multiply per later use (a bool mask would be converted
+                # every time); the product saves it for backward anyway
+                keep = (torch.rand(x.shape, device=x.device) >= module.p).to(x.dtype) * (1.0 / (1.0 - module.p))
+                self.masks[(index, call)] = keep
+            _reseed(x.device, _seed(self.base + 1, index, call))  # the stream after this call: alike every time
+            self._pending[index] = (module, keep)
+            module.training = False  # its own forward is the identity now; the post-hook drops
 
         return pre_hook
+
+    def _post_hook(self, index: int):
+        def post_hook(module, args, out):
+            pending = self._pending.pop(index, None)
+            if pending is None:
+                return None
+            module.training = True
+            return args[0] * pending[1]
+
+        return post_hook
 
 
 def rng_state(device) -> dict:

@@ -113,6 +113,13 @@ def test_generation_with_an_empty_attention_keeps_the_cache_right(arch):
     # the model reads its position offset from the first layer's cache
     for cache in caches:
         assert [cache.get_seq_length(i) for i in range(model.config.num_hidden_layers)] == [5, 5]
+    # a manual decoding loop: the last token through the cache gives the full forward's last logits
+    for m in (model, hs.shrink_model(copy.deepcopy(model))):
+        with torch.no_grad():
+            full = m(ids).logits[:, -1]
+            past = m(ids[:, :-1], use_cache=True).past_key_values
+            step = m(ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
