@@ -333,8 +333,14 @@ def run_benchmark(
     again = measure("dense (again)", "dense", 1.0, lambda m: Trainer(model=m, args=_args(out_dir, dev, bf16)))
     dense.step_ms = min(dense.step_ms, again.step_ms)
     dense.peak_mib = max(dense.peak_mib, again.peak_mib) if memory else dense.peak_mib
+    u = floor.step_ms / dense.step_ms  # against the dense step the speed-ups use (a slow first one made u small)
+    log(f"  unprunable share u = {u:.3f} against the faster dense step")
     for row in rows:
         row.speedup = dense.step_ms / row.step_ms
+        if row.mode == "search":
+            row.bound = 3.0 / (4.0 * (u + (1 - u) * row.kept))
+        elif row.mode == "fixed":
+            row.bound = 1.0 / (u + (1 - u) * row.kept)
     return rows
 
 
