@@ -115,8 +115,21 @@ class _Skippable:
             return skip.core_output(self, args, kwargs)
         return super().forward(*args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        # pickle (torch.save of a whole model) names a class by where it is defined: name the module's own class
+        # and rebuild ours from it on load (copies and loads keep skipping)
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        if _CLASSES.get(cls.__bases__[-1]) is not cls or not isinstance(reduced, tuple) or len(reduced) < 2:
+            return reduced  # a class set on top of ours (FSDP's): left as it is
+        return (_new_skippable, (cls.__bases__[-1],), *reduced[2:])
+
 
 _CLASSES: dict[type, type] = {}
+
+
+def _new_skippable(cls: type):
+    return object.__new__(_skippable_class(cls))
 
 
 def _skippable_class(cls: type) -> type:

@@ -154,3 +154,21 @@ def test_a_layout_naming_a_missing_module_is_refused_before_anything_changes():
     layout["mlp"]["empty"] = None  # no empty-block layout: the stand-in unit, still exact
     hs.sparsify_model(model, hs.SparseConfig(architecture=layout))
     assert [s.role for _, s in skipped_modules(model)] == ["core", "norm"] * 2  # the attention's only
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_pickled_model_loads_and_keeps_skipping(arch, tmp_path):
+    """torch.save of the whole model (pickle names classes by where they are defined: the swapped classes are
+    rebuilt from the modules' own ones on load)."""
+    model = _model_with_dropout(arch, p=0.0).eval()
+    hs.sparsify_model(model, hs.SparseConfig(sparsity=0.0))
+    _empty_first_layer(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    inputs = tiny_inputs(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    groups = {id(g) for g in hs.SparseStructure(loaded)}
+    skips = skipped_modules(loaded)
+    assert len(skips) == len(skipped_modules(model)) and all(id(s.group) in groups for _, s in skips)
+    assert [type(m) for _, m in loaded.named_modules()] == [type(m) for _, m in model.named_modules()]
