@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import Trainer
 
-    from hf_sparse import SparseConfig, SparseStructure, SparseTrainer, sparsify_model
-    from hf_sparse.bench import _args, _prepare, _time_steps, build_model, make_batch
+    from hf_sparse import SparseTrainer
+    from hf_sparse.bench import _args, _prepare, _time_steps, build_model, make_batch, with_fixed_masks
     from hf_sparse.empty_blocks import remove_skips
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,11 +58,7 @@ def main(argv=None) -> int:
             trainer = Trainer(model=model, args=_args(out_dir, dev, False))
             rho = 1.0
         else:
-            sparsify_model(model, SparseConfig(sparsity=0.0))
-            structure = SparseStructure(model)
-            structure.set_masks(masks_for(structure, variant))
-            for g in structure:
-                g.fixed.fill_(True)
+            structure = with_fixed_masks(model, lambda st: masks_for(st, variant))
             if variant.endswith("stand-in"):
                 remove_skips(model)
             ppu = structure.params_per_unit()

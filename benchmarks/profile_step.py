@@ -11,7 +11,7 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_sparse.bench import _args, _prepare, build_model, make_batch
+from hf_sparse.bench import _args, _prepare, build_model, make_batch, random_scores
 
 
 def main():
@@ -28,7 +28,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import Trainer
 
-    from hf_sparse import SparseConfig, SparseStructure, SparseTrainer, sparsify_model
+    from hf_sparse import SparseConfig, SparseTrainer, sparsify_model
 
     dev = torch.device("cpu")
     model, task = build_model(a.model)
@@ -37,9 +37,8 @@ def main():
     else:
         sparsify_model(model, SparseConfig(sparsity=1 - a.kept, score_init="budget"))
         extra = dict(fix_masks_at=0.0) if a.mode == "fixed" else dict(fix_masks_at=1.0)
-        if a.mode == "fixed":  # random scores: a mask among equal ones is refused as a tie (as in hf-sparse bench)
-            structure = SparseStructure(model)
-            structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(0)))
+        if a.mode == "fixed":
+            random_scores(model)
         trainer = SparseTrainer(model=model, args=_args("/tmp/hf_sparse_profile", dev, False, budget_schedule_start=0.0,
                                                         budget_schedule_end=0.0, **extra))
     _prepare(trainer)

@@ -87,14 +87,14 @@ class EmptySkip:
             layer = module.get_submodule(self.consumer)
             base = getattr(layer, "base_layer", layer)  # a LoRA consumer: its adapter adds B(A(0)) = 0
             out = x.new_zeros(*lead, base.out_features)
-            if base.bias is not None:
-                out = out + base.bias.to(x.dtype)  # the bias keeps its real gradient
+            bias = base.bias
+            if bias is not None:
+                out = out + bias.to(x.dtype)  # the bias keeps its real gradient
             if self.dropout is not None:
                 out = module.get_submodule(self.dropout)(out)
         if torch.is_grad_enabled():
             params = [p for m in (module, *self.zero_grad_modules) for p in m.parameters() if p.requires_grad]
-            if self.consumer is not None:  # the consumer's bias already has its gradient
-                bias = getattr(getattr(layer, "base_layer", layer), "bias", None)
+            if self.consumer is not None and bias is not None:  # the consumer's bias already has its gradient
                 params = [p for p in params if p is not bias]
             if not self.zero_grad_modules and x.requires_grad:
                 # whatever fed only this core (OPT's pre-norm, for one) gets its zero gradient as well
@@ -119,13 +119,19 @@ class _Skippable:
         # pickle (torch.save of a whole model) names a class by where it is defined: name the module's own class
         # and rebuild ours from it on load (copies and loads keep skipping)
         reduced = super().__reduce_ex__(protocol)
-        cls = type(self)
-        if _CLASSES.get(cls.__bases__[-1]) is not cls or not isinstance(reduced, tuple) or len(reduced) < 2:
+        own = _own_class(type(self))
+        if own is None or not isinstance(reduced, tuple) or len(reduced) < 2:
             return reduced  # a class set on top of ours (FSDP's): left as it is
-        return (_new_skippable, (cls.__bases__[-1],), *reduced[2:])
+        return (_new_skippable, (own,), *reduced[2:])
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type, type] = {}  # a module's own class -> ours in front of it
+
+
+def _own_class(cls: type) -> type | None:
+    """The module's own class if `cls` is one of ours, else None."""
+    own = cls.__bases__[-1]
+    return own if _CLASSES.get(own) is cls else None
 
 
 def _new_skippable(cls: type):
@@ -148,10 +154,10 @@ def install_skip(module: nn.Module, skip: EmptySkip) -> None:
 
 def remove_skip(module: nn.Module) -> None:
     """Put the module's own class back (a class set on top of ours since, e.g. by FSDP, is left alone)."""
-    cls = type(module)
+    own = _own_class(type(module))
     module.__dict__.pop(SKIP_ATTR, None)
-    if _Skippable in cls.__bases__:
-        module.__class__ = next(b for b in cls.__bases__ if b is not _Skippable)
+    if own is not None:
+        module.__class__ = own
 
 
 def remove_skips(model: nn.Module) -> None:

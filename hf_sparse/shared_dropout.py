@@ -11,7 +11,7 @@ same dropout bits in every forward, whatever the masks did before it.
 Each call's keep mask is drawn once per structure update and reused by the later forwards whose tensor has its
 shape: random numbers are slow on a CPU (drawing a mask costs ~30 multiplies there, measured in
 docs/benchmarks.md), and a search step runs two forwards over hidden states no mask changes. The masks come from
-`torch.rand` (half the time of `bernoulli_` here) and are applied as `x * (keep / (1 - p))`, as dropout does. After
+`torch.rand` (half the time of `bernoulli_` here) and are applied as `x * keep / (1 - p)`, as dropout does. After
 each call the generator is reseeded from (base seed, module, call) again, so the functional dropouts that follow
 (inside attention) draw alike in every forward whether the mask was drawn or reused.
 
@@ -84,9 +84,9 @@ class SharedDropout:
             keep = self.masks.get((index, call))
             if keep is None or keep.shape != x.shape or keep.device != x.device or keep.dtype != x.dtype:
                 _reseed(x.device, _seed(self.base, index, call))
-                # kept as the scaled multiplier itself: one multiply per later use (a bool mask would be converted
-                # every time); the product saves it for backward anyway
-                keep = (torch.rand(x.shape, device=x.device) >= module.p).to(x.dtype) * (1.0 / (1.0 - module.p))
+                # 0/1 in the input's dtype (no conversion per use); the 1 / (1 - p) is applied as a scalar, as
+                # dropout does: folded into a bf16 mask it would be rounded (a bias of up to 0.4%)
+                keep = (torch.rand(x.shape, device=x.device) >= module.p).to(x.dtype)
                 self.masks[(index, call)] = keep
             _reseed(x.device, _seed(self.base + 1, index, call))  # the stream after this call: alike every time
             self._pending[index] = (module, keep)
@@ -100,7 +100,7 @@ class SharedDropout:
             if pending is None:
                 return None
             module.training = True
-            return args[0] * pending[1]
+            return (args[0] * pending[1]).mul_(1.0 / (1.0 - module.p))
 
         return post_hook
 

@@ -70,3 +70,14 @@ def test_a_forward_that_raises_leaves_dropout_in_train_mode():
     with pytest.raises(Boom), SharedDropout(model).active(1):
         model(torch.ones(2, 3))
     assert model.drop.training
+
+
+def test_kept_values_are_scaled_as_dropout_scales_them_in_half_precision():
+    """1 / (1 - p) multiplies as a scalar: folded into a bf16 mask it would be rounded first (1/0.9 -> 1.109)."""
+    model = Toy(p=0.1).train()
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    with SharedDropout(model).active(5):
+        h, _ = model(x)
+    kept = h != 0
+    assert h.dtype == torch.bfloat16 and kept.float().mean() > 0.8
+    torch.testing.assert_close(h[kept], (x * (1.0 / 0.9))[kept], rtol=0, atol=0)
