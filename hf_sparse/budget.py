@@ -63,3 +63,17 @@ def cubic_budget(step: int, total: float, final: float, start_step: int, end_ste
         return final if step >= start_step else total
     progress = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
     return final + (total - final) * (1.0 - progress) ** 3
+
+
+def check_keeps_a_unit(costs: torch.Tensor, sparsity: float, what: str = "SparseConfig.sparsity") -> None:
+    """Refuse a sparsity whose budget is smaller than the cheapest unit: the top-K mask would keep nothing, and the
+    model would compute none of its prunable heads and neurons."""
+    c = costs.detach().double()
+    total, smallest = float(c.sum()), float(c.min())
+    budget = (1.0 - float(sparsity)) * total
+    if budget < smallest * (1 - 1e-9):
+        raise ValueError(
+            f"{what}={sparsity} leaves a budget of {budget:.6g} of the {total:.6g} prunable cost, less than the "
+            f"cheapest unit ({smallest:.6g}): every unit would be dropped. Use a sparsity of at most "
+            f"{1.0 - smallest / total:.6g}"
+        )

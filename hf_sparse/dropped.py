@@ -8,6 +8,7 @@ flattened parameter (element-wise units).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import torch
@@ -116,8 +117,11 @@ class FrozenUnits:
     against uncertain units. Works with any torch optimizer (the Trainer's fused AdamW or one the user
     passes): before the step the dropped slices of each parameter and of every optimizer-state tensor of the
     parameter's shape are read, after the step they are written back (search phase: the computed units change
-    every step). Once the mask is fixed, `settle` zeroes the dropped entries instead, which then stay still at
-    no cost per step. Adam's step counter still advances (it is per tensor).
+    every step). Once the mask is fixed, `settle` sets the dropped entries aside and zeroes them in the live
+    tensors, which then stay still at no cost per step; `unsettle` (end of training, before a best model is
+    loaded) and `restored` (around every save) put the set-aside values back, so that a fixed run keeps its
+    dropped weights: it can be unfixed, regrown or exported at another sparsity. Adam's step counter still
+    advances (it is per tensor).
     """
 
     def __init__(self, model: nn.Module, structure: SparseStructure):
@@ -125,23 +129,52 @@ class FrozenUnits:
         self.keep: torch.Tensor | None = None  # the units computed in this step (set by the trainer)
         self.settled: torch.Tensor | None = None  # a fixed mask whose dropped entries are all zero (see settle)
         self._saved: list = []
+        # (this rank's tensor, dim, local indices, the dropped values set aside on the CPU) of a settled mask
+        self._stash: list = []
         self._handles = []
         self.optimizer: torch.optim.Optimizer | None = None
 
     @torch.no_grad()
     def settle(self, keep: torch.Tensor) -> None:
-        """For a mask that stays fixed: zero the dropped units' weights and optimizer state once. With a zero
-        gradient, zero state and zero weight every usual optimizer update (SGD, Adam/AdamW with weight decay,
-        Adagrad, RMSprop, Lion, Adafactor) is exactly zero, so the dropped entries stay still at no per-step
-        cost. The model computes the same function (those units are never computed again), and it is what
-        every export writes anyway (zeros explicit)."""
+        """For a mask that stays fixed: set the dropped units' weights aside (on the CPU) and zero them and their
+        optimizer state once. With a zero gradient, zero state and zero weight every usual optimizer update (SGD,
+        Adam/AdamW with weight decay, Adagrad, RMSprop, Lion, Adafactor) is exactly zero, so the dropped entries
+        stay still at no per-step cost. The model computes the same function (those units are never computed
+        again); the set-aside values come back with `unsettle` / `restored`."""
+        self.unsettle()  # another mask settled before: its values go back first
         for _, param, dim, idx in unit_slices(self.model, self.structure, keep):
             if not param.requires_grad:
                 continue  # a frozen base (LoRA): no optimizer moves it
-            for t in [param.data] + self._states(param):
-                local, local_idx, _, _ = local_slice(t, dim, idx)  # FSDP2: each rank zeroes its own block
-                _fill_zero(local, dim, local_idx)
+            local, local_idx, _, _ = local_slice(param.data, dim, idx)  # FSDP2: each rank its own block
+            self._stash.append((local, dim, local_idx, take(local, dim, local_idx).to("cpu", copy=True)))
+            _fill_zero(local, dim, local_idx)
+            for t in self._states(param):
+                local_state, state_idx, _, _ = local_slice(t, dim, idx)
+                _fill_zero(local_state, dim, state_idx)
         self.settled = keep.clone()
+
+    @torch.no_grad()
+    def unsettle(self) -> None:
+        """Put the dropped weights set aside by `settle` back (their optimizer state stays zero)."""
+        for local, dim, local_idx, values in self._stash:
+            put(local, dim, local_idx, values.to(local.device))
+        self._stash = []
+        self.settled = None
+
+    @contextlib.contextmanager
+    def restored(self):
+        """The dropped weights back in place while the block runs (a save writes their real values), zeroed again
+        after it (the fixed phase goes on at no cost)."""
+        stash = self._stash
+        with torch.no_grad():
+            for local, dim, local_idx, values in stash:
+                put(local, dim, local_idx, values.to(local.device))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for local, dim, local_idx, _ in stash:
+                    _fill_zero(local, dim, local_idx)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.detach()

@@ -22,11 +22,13 @@ import json
 import logging
 import os
 
+import torch
 from torch import nn
 
 from .config import CONFIG_NAME, SparseConfig
 from .dropped import split_dropped
 from .folders import (
+    CONFIG_STAMP_KEY,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     assign_state,
@@ -86,9 +88,10 @@ def save_sparse_pretrained(model: nn.Module, save_directory: str | os.PathLike, 
         state, dropped = split_dropped(model, model.state_dict())
         write_safetensors(
             model, os.path.join(tmp, WEIGHTS_NAME),
-            {"hf_sparse_format": SPARSE_FORMAT, "hf_sparse_groups": json.dumps(groups)}, state=state,
+            {"hf_sparse_format": SPARSE_FORMAT, "hf_sparse_groups": json.dumps(groups),
+             CONFIG_STAMP_KEY: config.to_json_string()}, state=state,
         )
-        write_dropped(tmp, dropped)
+        write_dropped(tmp, dropped, config)
         save_config_files(model, tmp)
         config.save_pretrained(tmp)
     return os.path.abspath(os.fspath(save_directory))
@@ -111,6 +114,7 @@ def load_sparse_model(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     model_config = load_config(directory)
     cls = resolve_class(model_config, model_class)
+    _check_model_class(cls, model_config, directory)
     sparse_path = os.path.join(directory, CONFIG_NAME)
     shapes = getattr(model_config, SHAPES_KEY, None)
     if os.path.isfile(sparse_path):
@@ -119,6 +123,9 @@ def load_sparse_model(
         model = build_empty(cls, model_config, kwargs)
         if shapes is not None:  # a shrunk model sparsified again
             apply_shapes(model, shapes)
+        else:
+            _check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                          {k: tuple(v.shape) for k, v in tensors.items()}, directory)
         try:  # the scores are loaded below: skip computing an initial value from uninitialised weights
             sparsify_model(model, dataclasses.replace(sparse_config, score_init="ones"))
         except (ValueError, TypeError) as e:
@@ -141,8 +148,107 @@ def load_sparse_model(
         apply_shapes(model, shapes)
         assign_state(model, tensors, f"the layer sizes in config.json ({SHAPES_KEY})", directory)
     else:
-        model = cls.from_pretrained(directory, **kwargs)
+        try:
+            model = cls.from_pretrained(directory, **kwargs)
+        except (RuntimeError, ValueError):  # Transformers' message names no cause: check for a lost shapes key
+            _check_shapes(_meta_shapes(cls, model_config, kwargs), _saved_shapes(directory), directory)
+            raise
     return model.eval()
+
+
+def _check_model_class(cls, model_config, directory: str) -> None:
+    """Refuse a concrete `model_class` of another model type: building it failed deep in its `__init__`
+    (`AttributeError: type_vocab_size`), and `from_pretrained` even loaded a randomly initialised model."""
+    expected = getattr(cls, "config_class", None)  # Auto classes have none: they dispatch on the config
+    if not isinstance(expected, type) or isinstance(model_config, expected):
+        return
+    model_type = getattr(model_config, "model_type", None)
+    built = getattr(model_config, "architectures", None) or []
+    auto = _auto_class_for(cls, model_type)
+    raise ValueError(
+        f"model_class={cls.__name__} expects a {expected.__name__} (model_type "
+        f"{getattr(expected, 'model_type', None)!r}), but {os.path.join(directory, 'config.json')} holds a "
+        f"{type(model_config).__name__} (model_type {model_type!r}). Omit model_class"
+        + (f" to build {built[0]}" if built else "")
+        + f", or pass a class for {model_type!r} models"
+        + (f", e.g. transformers.{auto[0]} (it builds {auto[1]})" if auto else
+           ", e.g. an Auto class such as transformers.AutoModelForCausalLM")
+    )
+
+
+def _auto_class_for(cls, model_type) -> tuple[str, str] | None:
+    """(the Auto class of `cls`'s head, the class it builds for `model_type`), by name: nothing is imported."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover
+        return None
+    for auto, mapping in (
+        ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+        ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+        ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+        ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+        ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+        ("AutoModel", "MODEL_MAPPING_NAMES"),
+    ):
+        names = getattr(modeling_auto, mapping, {})
+        if model_type in names and any(cls.__name__ in ((n,) if isinstance(n, str) else n) for n in names.values()):
+            return auto, str(names[model_type])
+    return None
+
+
+def _saved_shapes(directory: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers of a folder (no tensor is read); {} if there are none."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = [WEIGHTS_NAME]
+        shapes = {}
+        for name in files:
+            with safe_open(os.path.join(directory, name), framework="pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        return shapes
+    except Exception:  # noqa: BLE001 - unreadable weights: the loader's own error says so
+        return {}
+
+
+def _meta_shapes(cls, model_config, kwargs: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes config.json builds, from a model on the meta device (no memory); {} if it fails."""
+    try:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in build_empty(cls, model_config, kwargs).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a diagnosis never hides the loader's own error
+        return {}
+
+
+def _check_shapes(built: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], directory: str) -> None:
+    """Refuse saved weights whose shapes differ from the layers config.json builds (`built`), saying why:
+    weights smaller than the layers are what a shrunk export whose config.json lost `hf_sparse_shapes` looks
+    like (Transformers said only `ignore_mismatched_sizes`; nothing else in the folder tells it apart from an
+    edited config.json, so the message names both)."""
+    differ = [(k, saved[k], built[k]) for k in saved if k in built and tuple(saved[k]) != built[k]]
+    if not differ:
+        return
+    key, file_shape, config_shape = differ[0]
+    example = (f"{key}: {list(file_shape)} in the file, {list(config_shape)} from config.json; "
+               f"{len(differ)} tensor(s) differ")
+    path = os.path.join(directory, "config.json")
+    if all(len(a) == len(b) and all(x <= y for x, y in zip(a, b)) for _, a, b in differ):
+        raise ValueError(
+            f"{path} does not fit the weights in {directory}: its layers are larger than the saved ones ({example}). "
+            f"This is a shrunk export (export='shrink', or a sparse checkpoint of a shrunk model) whose config.json "
+            f"lost `{SHAPES_KEY}`, its per-layer sizes. Fix: re-export the model (hf_sparse.export_model(model, "
+            f"folder, export='shrink'), or save_sparse_pretrained), or restore the `{SHAPES_KEY}` key in config.json "
+            "from the original export; if config.json was edited or copied from another model, put the saved one back"
+        )
+    raise ValueError(
+        f"{path} does not fit the weights in {directory} ({example}); was config.json edited or copied from "
+        "another model? Put back the config.json saved with these weights"
+    )
 
 
 # --- export in one call -------------------------------------------------------------------------------

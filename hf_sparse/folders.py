@@ -18,13 +18,16 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME
-from .dropped import DROPPED_WEIGHTS_NAME, restore_dropped
+from .dropped import DROPPED_WEIGHTS_NAME, restore_dropped, unit_slices
 from .model_state import parent_module
+from .structure import SparseStructure
 
 logger = logging.getLogger("hf_sparse.export")
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# the metadata key under which a weights file records the SparseConfig it was saved with
+CONFIG_STAMP_KEY = "hf_sparse_config"
 # Keys of config.json that differ between two saves of the same model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype")
 # Files a model export owns: replacing a folder never carries these over from the old contents.
@@ -96,6 +99,12 @@ def load_config(directory: str):
 
     path = os.path.join(directory, "config.json")
     if not os.path.isdir(directory):
+        recovered = interrupted_save(os.path.abspath(directory))
+        if recovered is not None:
+            raise FileNotFoundError(
+                f"{directory} is not a folder: a save into it was killed between its two renames, and the complete "
+                f"model is in {recovered}. Rename that folder to {directory} (the next save into {directory} does it)"
+            )
         raise FileNotFoundError(f"{directory} is not a folder")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in {directory}: is it a folder saved by hf_sparse or Transformers?")
@@ -198,9 +207,18 @@ def _owned_by_export(name: str) -> bool:
 
 
 def check_target(target: str, overwrite: bool) -> None:
-    """Early refusal (before any writing) of a non-empty folder that is not a model checkpoint."""
+    """Early refusal (before any writing) of a non-empty folder that is not a model checkpoint, and of a path
+    under a file (`os.makedirs` said only `[Errno 17] File exists`, naming neither the target nor the fix)."""
     if os.path.exists(target) and not os.path.isdir(target):
         raise FileExistsError(f"{target} exists and is not a folder")
+    ancestor = os.path.dirname(os.path.abspath(target))
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise NotADirectoryError(
+            f"cannot write {target}: {ancestor} is a file, not a folder; choose a folder path (one whose existing "
+            "parts are all folders)"
+        )
     if overwrite or not os.path.isdir(target) or not os.listdir(target):
         return
     if not os.path.isfile(os.path.join(target, "config.json")):
@@ -220,21 +238,55 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_temporaries(target: str) -> None:
-    """Remove what saves of `target` killed midway left beside it (`.name.tmp-PID-*`, `.name.old-PID-*` of
-    processes that no longer run): a kill skips every cleanup, and each left a model-sized folder."""
+def _dead_leftovers(target: str) -> dict[str, list[str]]:
+    """{".tmp-" / ".old-": [paths]} that saves of `target` by processes no longer running left beside it (a kill
+    skips every cleanup), newest first."""
     parent, base = os.path.dirname(target), os.path.basename(target)
+    found: dict[str, list[str]] = {".tmp-": [], ".old-": []}
     if not os.path.isdir(parent):
-        return
+        return found
     for entry in os.listdir(parent):
-        for kind in (".tmp-", ".old-"):
+        for kind in found:
             prefix = f".{base}{kind}"
             if not entry.startswith(prefix):
                 continue
             pid = entry[len(prefix):].split("-", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-                logger.info("hf_sparse: removed %s, left by a save that was killed", entry)
+                found[kind].append(os.path.join(parent, entry))
+    for paths in found.values():
+        paths.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+    return found
+
+
+def interrupted_save(target: str) -> str | None:
+    """Where the last complete save of a missing `target` lies, if a save was killed between its two renames
+    (target moved aside to `.old-`, the finished new folder `.tmp-` not yet moved in): that `.tmp-` folder (it
+    was complete before the first rename), else the `.old-` one."""
+    if os.path.exists(target):
+        return None
+    left = _dead_leftovers(target)
+    if not left[".old-"]:
+        return None  # a kill before the renames: the target never existed, the .tmp- folder is incomplete
+    for tmp in left[".tmp-"]:
+        pid = os.path.basename(tmp).split(".tmp-", 1)[1].split("-", 1)[0]
+        if any(os.path.basename(old).split(".old-", 1)[1].startswith(f"{pid}-") for old in left[".old-"]):
+            return tmp
+    return left[".old-"][0]
+
+
+def _remove_stale_temporaries(target: str) -> None:
+    """Clean up what saves of `target` killed midway left beside it. A save killed between its two renames left
+    the target missing and the model in its temporaries: the complete one is moved back into place first (and
+    said so); every other leftover is removed, each named in a warning."""
+    recovered = interrupted_save(target)
+    if recovered is not None:
+        os.rename(recovered, target)
+        logger.warning("hf_sparse: %s was missing: a save killed between its two renames had left it in %s; moved it "
+                       "back into place", target, os.path.basename(recovered))
+    for paths in _dead_leftovers(target).values():
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("hf_sparse: removed %s, left incomplete or superseded by a save that was killed", path)
 
 
 @contextlib.contextmanager
@@ -297,15 +349,87 @@ def save_config_files(model: nn.Module, folder: str) -> None:
         generation_config.save_pretrained(folder)
 
 
-def write_dropped(folder: str, dropped: dict[str, torch.Tensor]) -> None:
+def write_dropped(folder: str, dropped: dict[str, torch.Tensor], config=None) -> None:
+    """The dropped units' values; `config` (the SparseConfig they were split by) is recorded in the file's
+    metadata, so a load can tell an edited sparse_config.json from the one saved with them."""
     from safetensors.torch import save_file
 
     path = os.path.join(folder, DROPPED_WEIGHTS_NAME)
     if dropped:
-        save_file({k: v.detach().cpu().contiguous() for k, v in dropped.items()}, path,
-                  metadata={"format": "pt", "hf_sparse": "dropped units' weights, restored by load_sparse_model"})
+        metadata = {"format": "pt", "hf_sparse": "dropped units' weights, restored by load_sparse_model"}
+        if config is not None:
+            metadata[CONFIG_STAMP_KEY] = config.to_json_string()
+        save_file({k: v.detach().cpu().contiguous() for k, v in dropped.items()}, path, metadata=metadata)
     elif os.path.exists(path):
         os.remove(path)  # a folder saved over must not keep another mask's dropped values
+
+
+def _file_metadata(path: str) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt or truncated and cannot be read ({e}); re-save the model") from e
+
+
+def check_config_stamp(folder: str) -> None:
+    """Refuse a `sparse_config.json` that differs from the config its weights were saved with (recorded in the
+    metadata of the dropped values and of save_sparse_pretrained's weights): an edited target would otherwise
+    load silently into a model whose masks were chosen for another one."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return
+    for source in (DROPPED_WEIGHTS_NAME, WEIGHTS_NAME):
+        stamp = _file_metadata(os.path.join(folder, source)).get(CONFIG_STAMP_KEY)
+        if stamp is None:
+            continue
+        saved = json.loads(stamp)
+        with open(path, encoding="utf-8") as f:
+            current = json.load(f)
+        changed = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+                   if saved.get(k) != current.get(k)}
+        if changed:
+            shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"{path} differs from the config its weights were saved with ({shown}); the file was edited or "
+                f"copied from another save, and its masks were chosen for the saved values. Restore those values; to "
+                "go on at another target, load the folder as saved and change it in code "
+                "(hf_sparse.get_sparse_config(model).sparsity = ..., then train on or call hf_sparse.fix_masks)"
+            )
+        return
+
+
+def saved_dropped_units(folder: str) -> int:
+    """How many units the masks saved in `folder`'s weights drop (read from the mask entries only)."""
+    from safetensors import safe_open
+
+    files = [os.path.join(folder, WEIGHTS_NAME)]
+    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if not os.path.isfile(files[0]) and os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+    dropped = 0
+    for path in files:
+        if not os.path.isfile(path):
+            continue
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            for key in keys:
+                if key.endswith(".mask") and key[: -len("mask")] + "scores" in keys:
+                    dropped += int((f.get_tensor(key) == 0).sum())
+    return dropped
+
+
+def missing_dropped_message(folder: str, dropped_units: int) -> str:
+    return (
+        f"{folder} has no {DROPPED_WEIGHTS_NAME}, but its masks drop {dropped_units} units: their weights would come "
+        "back as zeros, not as saved. Copy the file back from the original save. To use the sparse model as it "
+        "computes (dropped units are zeros in its weights file), load it with plain from_pretrained"
+    )
 
 
 def read_dropped(folder: str) -> dict[str, torch.Tensor] | None:
@@ -322,9 +446,15 @@ def read_dropped(folder: str) -> dict[str, torch.Tensor] | None:
 
 
 def restore_from_folder(model: nn.Module, folder: str) -> bool:
-    """Put back the dropped entries saved in `folder` (after its masks were loaded); False if it has none."""
+    """Put back the dropped entries saved in `folder` (after its masks were loaded); False if nothing is dropped.
+    Refuses an edited sparse_config.json and a missing dropped-values file where the masks drop units."""
+    check_config_stamp(folder)
     dropped = read_dropped(folder)
     if dropped is None:
+        structure = SparseStructure(model)
+        units = int((structure.masks() == 0).sum())
+        if units and next(unit_slices(model, structure), None) is not None:
+            raise ValueError(missing_dropped_message(folder, units))
         return False
     restore_dropped(model, dropped, os.path.join(folder, DROPPED_WEIGHTS_NAME))
     return True

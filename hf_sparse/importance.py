@@ -34,6 +34,7 @@ class TaylorImportance:
         self.structure = structure or SparseStructure(model)
         self.sums = {id(g): torch.zeros(g.num_units, dtype=torch.float64, device=g.mask.device) for g in self.structure}
         self.steps = 0
+        self.nonfinite_steps = 0
         self._step: dict[int, torch.Tensor] = {}
         self._layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
 
@@ -81,8 +82,9 @@ class TaylorImportance:
 
         return on_grad
 
-    def end_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """Close one optimizer step: its (summed over micro-batches) derivatives, squared, join the mean.
+    def end_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bool:
+        """Close one optimizer step: its (summed over micro-batches) derivatives, squared, join the mean; a step
+        with a non-finite derivative is left out (returns False) and counted in `nonfinite_steps`.
 
         `reduce` (data parallel: the mean over ranks) is applied to the derivatives before they are squared, as
         the weight gradients are averaged before the optimizer sees them: the importance is then that of the whole
@@ -93,22 +95,29 @@ class TaylorImportance:
                                                                 device=g.mask.device)) for g in self.structure])
             reduced = reduce(flat)
             self._step = {id(g): d for g, d in zip(self.structure, torch.split(reduced, self.structure.sizes))}
-        for key, d in self._step.items():
-            self.sums[key] += d**2
+        finite = all(bool(torch.isfinite(d).all()) for d in self._step.values())
+        if finite:
+            for key, d in self._step.items():
+                self.sums[key] += d**2
+            self.steps += 1
+        else:  # a NaN / inf derivative would make every unit's importance NaN: the step is left out and counted
+            self.nonfinite_steps += 1
         self._step = {}
-        self.steps += 1
+        return finite
 
     def flat(self) -> torch.Tensor:
         """Mean squared gate derivative per unit, in the structure's flat order (float64)."""
         return torch.cat([self.sums[id(g)] for g in self.structure]) / max(self.steps, 1)
 
     def state_dict(self) -> dict:
-        return {"sums": [self.sums[id(g)].cpu() for g in self.structure], "steps": self.steps}
+        return {"sums": [self.sums[id(g)].cpu() for g in self.structure], "steps": self.steps,
+                "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict) -> None:
         for g, s in zip(self.structure, state["sums"]):
             self.sums[id(g)] = s.to(device=g.mask.device, dtype=torch.float64)
         self.steps = int(state["steps"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
 
 
 def scores_from_importance(

@@ -12,6 +12,8 @@ original keys plus the groups' `scores`/`mask`.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -199,10 +201,28 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"
-        return (
+        text = (
             f"{kind}(in={self.in_features}, out={self.out_features}), role={self.role}, unit_width={self.width}, "
             f"segments={self.segments}, group={self.group.kind}"
         )
+        if _asked_by_peft():
+            # PEFT's only message for a layer it cannot wrap is "Target module <repr> is not supported": the repr
+            # is where the fix can reach the user who put LoRA on an already sparsified model
+            text += (". hf_sparse: put LoRA on the model first, then sparsify it: "
+                     "model = get_peft_model(model, lora_config); hf_sparse.sparsify_model(model, sparse_config)")
+        return text
+
+
+def _asked_by_peft(depth: int = 12) -> bool:
+    """True when PEFT's adapter injection is formatting this layer (its 'not supported' error)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith("peft.tuners"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class MaskedWeightLinear(SparseLinear):

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .budget import check_keeps_a_unit
 from .model_state import get_sparse_config, is_sparsified
 from .structure import SparseStructure, UnitGroup, sample_masks
 
@@ -66,6 +67,7 @@ def fix_masks(
                 "(SparseConfig(score_init='magnitude')), or set the scores yourself (SparseStructure.set_scores)"
             )
         costs = structure.costs(config.budget)
+        check_keeps_a_unit(costs, sparsity, what="fix_masks: sparsity")
         mask = structure.topk_mask(costs, (1.0 - float(sparsity)) * float(costs.double().sum()))
     else:
         if score_fn is None or not callable(score_fn):

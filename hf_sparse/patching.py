@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .architectures import BlockSpec, get_architecture, head_geometry
-from .budget import project_to_budget
+from .budget import check_keeps_a_unit, project_to_budget
 from .config import SparseConfig
 from .empty_blocks import EmptySkip, install_skip, remove_skip, remove_skips
 from .layers import SUPPORTED_LAYER_TYPES, MaskedWeightLinear, SparseLinear, is_supported_linear, layer_features
@@ -313,7 +313,8 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
     return model
 
 
-SUPPORTED_PEFT = "plain LoRA (peft.LoraConfig without use_dora) on torch.nn.Linear / Conv1D base layers"
+SUPPORTED_PEFT = ("plain LoRA (peft.LoraConfig without use_dora) on torch.nn.Linear / Conv1D base layers (and on "
+                  "torch.nn.Embedding layers, which stay dense)")
 
 
 def _refuse_unsupported(model: nn.Module) -> None:
@@ -338,7 +339,9 @@ def _refuse_unsupported(model: nn.Module) -> None:
             )
     for mname, module in model.named_modules():
         parts = lora_parts(module)
-        if parts is not None and not is_supported_linear(parts[0]):
+        # LoRA on an embedding works as on a dense model: the units live in the blocks' projections, so no sparse
+        # layer ever replaces an embedding, and merge_lora_sparse merges its adapter with PEFT's own merge
+        if parts is not None and not is_supported_linear(parts[0]) and not isinstance(parts[0], nn.Embedding):
             raise ValueError(
                 f"{mname}: LoRA on a {type(parts[0]).__name__} base layer (quantized or custom): hf_sparse supports "
                 f"{SUPPORTED_PEFT}; dequantize the base first"
@@ -350,6 +353,7 @@ def init_scores(model: nn.Module, config: SparseConfig) -> None:
     """Set the keep probabilities as `config.score_init` says (see SparseConfig)."""
     structure = SparseStructure(model)
     costs = structure.costs(config.budget)
+    check_keeps_a_unit(costs, config.sparsity)  # (raised inside sparsify_model's undo block: nothing stays patched)
     target = (1.0 - config.sparsity) * float(costs.double().sum())
     if config.score_init == "ones":
         flat = torch.ones(structure.num_units, device=structure.device)

@@ -26,6 +26,11 @@ EXPORTS = ("plain", "shrink", "sparse")
 # local file extension -> (datasets builder, its extra arguments)
 LOCAL_FORMATS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("json", {}),
                  "jsonl": ("json", {}), "txt": ("text", {})}
+# what a file of each format holds, for the fix of a file with no examples
+LOCAL_LAYOUTS = {"csv": "a header line (e.g. text,label) then one row per example",
+                 "tsv": "a header line (e.g. text<TAB>label) then one row per example",
+                 "json": "one JSON object per line, or one JSON list of objects", "jsonl": "one JSON object per line",
+                 "txt": "one example per line"}
 
 
 def load_local_files(train_file: str, validation_file: str | None = None, formats: tuple[str, ...] = ("csv", "tsv", "json", "jsonl")):
@@ -38,18 +43,76 @@ def load_local_files(train_file: str, validation_file: str | None = None, format
         files["validation"] = validation_file
     extensions = set()
     for split, path in files.items():
-        flag = f"--{split if split == 'validation' else 'train'}_file"
+        flag = _flag(split)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path}: no such file")
         extension = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
         if extension not in formats:
             raise ValueError(f"{flag} {path}: files ending in .{extension or '(none)'} are not read; use one of "
                              f"{', '.join('.' + f for f in formats)}")
+        _check_has_examples(flag, path, extension)
         extensions.add(extension)
     if len({(LOCAL_FORMATS[e][0], tuple(LOCAL_FORMATS[e][1].items())) for e in extensions}) > 1:
         raise ValueError(f"--train_file and --validation_file must have the same format, got {sorted(extensions)}")
-    builder, kwargs = LOCAL_FORMATS[extensions.pop()]
-    return datasets.load_dataset(builder, data_files=files, **kwargs)
+    extension = extensions.pop()
+    builder, kwargs = LOCAL_FORMATS[extension]
+    try:
+        return datasets.load_dataset(builder, data_files=files, **kwargs)
+    except Exception as e:  # `datasets` names neither the flag nor the file: find the line that broke
+        for split, path in files.items() if builder == "json" else ():
+            bad = _first_invalid_json_line(path)
+            if bad is not None:
+                number, message, line = bad
+                raise ValueError(
+                    f"{_flag(split)} {path}: line {number} is not valid JSON ({message}): {line.strip()[:80]!r}; "
+                    f"fix or remove that line (a .{extension} file holds {LOCAL_LAYOUTS[extension]})"
+                ) from e
+        raise
+
+
+def _flag(split: str) -> str:
+    return f"--{split if split == 'validation' else 'train'}_file"
+
+
+def _check_has_examples(flag: str, path: str, extension: str) -> None:
+    """Refuse a file with no examples before `datasets` reads it: an empty (or blank) file ended in a bare
+    `StopIteration` or `DatasetGenerationError`, a header-only csv in `Instruction "train" corresponds to no data`.
+    Reads only up to the second non-blank line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = (line for line in f if line.strip())
+        header = next(lines, None)
+        if header is None:
+            raise ValueError(f"{flag} {path} is empty; give it {LOCAL_LAYOUTS[extension]}")
+        if extension in ("csv", "tsv") and next(lines, None) is None:
+            raise ValueError(
+                f"{flag} {path} has a header row ({header.strip().replace(chr(9), '<TAB>')}) but no data rows; add "
+                "one row per example below the header"
+            )
+
+
+def _first_invalid_json_line(path: str) -> tuple[int, str, str] | None:
+    """(line number, error, line) where a .json / .jsonl file stops being valid JSON, else None. A file is one
+    JSON document or JSON lines (as `datasets` reads it): lines when its first non-blank line parses alone."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as e:
+        whole = e
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:  # one document: its own error has the line
+        return whole.lineno, whole.msg, lines[whole.lineno - 1] if whole.lineno <= len(lines) else ""
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return number, e.msg, line
+    return None
 
 
 @dataclass

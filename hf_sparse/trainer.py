@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from .backends import EnginesMixin, refuse_presharded
 from .batches import count_items, split_batch
-from .budget import cubic_budget, project_to_budget
+from .budget import check_keeps_a_unit, project_to_budget
 from .config import SparseConfig
 from .distill import Distiller, check_teacher, distiller_from_args, frozen_copy
 from .dropped import FrozenUnits
@@ -34,13 +34,15 @@ from .precision import upcast_heads
 from .shared_dropout import SharedDropout, rng_state, set_rng_state
 from .structure import SparseStructure, sample_masks
 from .trainer_checkpoint import CheckpointMixin
+from .trainer_faults import NONFINITE_UPDATES_TO_STOP, FaultsMixin
 from .trainer_metrics import MetricsMixin, matmul_params
+from .trainer_schedule import ScheduleMixin
 from .training_args import SparseTrainingArguments
 
 logger = logging.get_logger(__name__)
 
 
-class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
+class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
     """A [`Trainer`] that learns which neurons and heads to keep while it trains the weights.
 
     Args:
@@ -90,6 +92,7 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
         super().__init__(model=model, args=args, **kwargs)
 
         self._costs = self.structure.costs(self.sparse_config.budget)
+        check_keeps_a_unit(self._costs, self.sparse_config.sparsity)
         self._total_budget = float(self._costs.double().sum())
         self._target_budget = (1.0 - self.sparse_config.sparsity) * self._total_budget
         self._params_per_unit = self.structure.params_per_unit()
@@ -103,7 +106,7 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
         self._reset_step_accumulators()
         self._metrics: dict[str, list[float]] = {}
         self._sparse_state = {"skipped_updates": 0, "flops_ratio_sum": 0.0, "steps": 0}
-        self._warned_nonfinite = False
+        self._note_finite()  # no run of non-finite losses yet (trainer_faults)
         self._loss_scale = 1.0
         # the informed start (importance_warmup): dense steps that accumulate each unit's Taylor importance
         self._importance: TaylorImportance | None = None
@@ -114,36 +117,6 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
         self._dropout = SharedDropout(model)
         upcast_heads(model)
         self._distiller: Distiller | None = distiller_from_args(args, teacher_model)
-
-    # --- schedule -------------------------------------------------------------------------------------
-    def _fraction_step(self, fraction: float) -> int:
-        return int(round(fraction * self.state.max_steps))
-
-    def budget_at(self, step: int) -> float:
-        a = self.args
-        return cubic_budget(
-            step, self._total_budget, self._target_budget,
-            self._fraction_step(a.budget_schedule_start), self._fraction_step(a.budget_schedule_end),
-        )
-
-    def in_importance_warmup(self, step: int | None = None) -> bool:
-        step = self.state.global_step if step is None else step
-        return self._importance is not None and step < self.importance_warmup_steps()
-
-    def importance_warmup_steps(self) -> int:
-        """Dense warm-up steps of the informed start: a positive importance_warmup is at least one step (a
-        fraction that rounds to 0 steps of a short run would otherwise skip the informed start silently)."""
-        if self._importance is None:
-            return 0
-        return max(1, self._fraction_step(self.args.importance_warmup))
-
-    def is_fixed(self, step: int | None = None) -> bool:
-        step = self.state.global_step if step is None else step
-        if self._fixed_from_start:
-            return True
-        # never before the informed start: a warm-up rounded up to one step moves the fixing with it
-        fix_step = max(self._fraction_step(self.args.fix_masks_at), self.importance_warmup_steps())
-        return self.args.fix_masks_at < 1.0 and step >= fix_step
 
     def topk_mask(self) -> torch.Tensor:
         """The deterministic mask: top-K scores filling the target budget (or the mask frozen before training)."""
@@ -215,6 +188,8 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
         if self.is_fixed(step):
             if self._step_mask_step != step:  # the fixed top-K mask; scores no longer move
                 if not self._structure_learned():
+                    if self._nonfinite_since is not None:
+                        self._raise_diverged(step, f"{self._sparse_state['skipped_updates']} structure updates skipped")
                     raise ValueError(
                         f"fix_masks_at={self.args.fix_masks_at} fixes the mask at step {step}, but every score is "
                         "still equal (nothing learned yet), so the mask would be chosen by ties. Set fix_masks_at "
@@ -340,7 +315,10 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
 
                 def reduce(d):
                     return self.accelerator.reduce(d.to(device), reduction="mean").to(d.device)
-            self._importance.end_step(reduce)
+            if self._importance.end_step(reduce):  # (the derivatives were reduced first: every rank agrees)
+                self._note_finite()
+            else:
+                self._note_nonfinite(step, "the dense warm-up's gate derivatives")
             if not self.in_importance_warmup(step + 1):
                 self._informed_start(step + 1)
         return loss
@@ -349,6 +327,11 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
     def _informed_start(self, step: int) -> None:
         """Scores from the accumulated importance (identical on every rank: each step's derivatives were averaged
         over the ranks before they were squared), projected onto the step's budget."""
+        if self._nonfinite_run or self._importance.steps == 0:
+            # non-finite up to the last warm-up step: NaN weights never recover, and the mask would be fixed from
+            # an importance that ranks nothing (one overflowing step earlier on is only left out)
+            self._raise_diverged(step, f"{self._importance.nonfinite_steps} of the "
+                                       f"{self._importance.nonfinite_steps + self._importance.steps} warm-up steps")
         importance = self._importance.flat().to(torch.float32)
         sizes = [g.num_units for g in self.structure] if self.args.importance_ranking == "group" else None
         scores = scores_from_importance(importance.to(self.structure.device), self._costs, self.budget_at(step),
@@ -422,11 +405,12 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
         step = self.state.global_step
         if not bool(torch.isfinite(losses).all()):
             self._sparse_state["skipped_updates"] += 1
-            if not self._warned_nonfinite:
-                logger.warning(f"SparseTrainer: non-finite loss {losses.tolist()} at step {step}; skipping this structure update")
-                self._warned_nonfinite = True
+            self._note_nonfinite(step, f"the loss {losses.flatten().tolist()}")
+            if self._nonfinite_run >= NONFINITE_UPDATES_TO_STOP:
+                self._raise_diverged(step, f"{self._nonfinite_run} structure updates in a row")
             delta = None
         else:
+            self._note_finite()
             estimate = disarm_gradient if a.estimator == "disarm" else vrpge_gradient
             delta = torch.stack(
                 [estimate(losses[g], masks[g], scores, a.score_function) for g in range(masks.shape[0])]
@@ -478,10 +462,16 @@ class SparseTrainer(CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if isinstance(resume_from_checkpoint, str):
+            self._check_resume(resume_from_checkpoint)  # before anything is loaded into the model
             self._pending_structure_state = resume_from_checkpoint
         self.structure_optimizer = None
         self._reset_step_accumulators()
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            # the dropped units' weights, set aside while the mask was fixed, back in the model
+            self._frozen_units.unsettle()
+        self._warn_if_unfixed()
         # Leave the model with the deterministic mask: what evaluation saw and what export will keep.
         self.structure.set_masks(self.topk_mask())
         self._step_mask_step = -1

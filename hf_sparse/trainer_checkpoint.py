@@ -20,10 +20,16 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, SparseConfig
 from .distill import frozen_copy
 from .dropped import DROPPED_WEIGHTS_NAME, split_dropped
-from .folders import restore_from_folder, write_dropped
+from .folders import (
+    check_config_stamp,
+    missing_dropped_message,
+    restore_from_folder,
+    saved_dropped_units,
+    write_dropped,
+)
 from .model_state import get_sparse_config, is_sparsified
 
 from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
@@ -46,8 +52,9 @@ def save_trainer_model(save, model: nn.Module, output_dir: str, state_dict: dict
     save(output_dir, zeroed)
     if should_save:
         os.makedirs(output_dir, exist_ok=True)
-        get_sparse_config(model).save_pretrained(output_dir)
-        write_dropped(output_dir, dropped)
+        config = get_sparse_config(model)
+        config.save_pretrained(output_dir)
+        write_dropped(output_dir, dropped, config)
 
 
 @contextlib.contextmanager
@@ -71,6 +78,17 @@ def outside_zero3():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+def checkpoint_steps(checkpoint: str) -> tuple[int, int]:
+    """(global_step, max_steps) of a Trainer checkpoint, from its trainer_state.json."""
+    from transformers.trainer_callback import TrainerState
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint} has no trainer_state.json: it is not a Trainer checkpoint")
+    state = TrainerState.load_from_json(path)
+    return int(state.global_step), int(state.max_steps)
+
+
 def sparse_files(folder: str) -> list[str]:
     """The hf_sparse files of a saved folder that must travel with its model files."""
     return [name for name in (CONFIG_NAME, DROPPED_WEIGHTS_NAME) if os.path.isfile(os.path.join(folder, name))]
@@ -90,21 +108,33 @@ class CheckpointMixin:
         """Export the trained sparse model (`export`: "plain", "shrink" or "sparse"), render its model card
         (sparsity per layer, these training arguments, `card_kwargs` such as eval_results or speed) and upload
         both to `args.hub_model_id` (default: the output folder's name). Unlike `Trainer.push_to_hub` it
-        uploads the export, not the checkpoint folder. Offline it raises `HubOfflineError` naming the folder."""
+        uploads the export, not the checkpoint folder. Offline it raises `HubOfflineError` naming the folder. The
+        mask is fixed in memory if it was not (what was uploaded); a push that fails leaves the model as it was."""
         from .export import fix_masks, masks_fixed
         from .hub import push_sparse_to_hub
 
         if not self.is_world_process_zero():
             return None
         model = self.accelerator.unwrap_model(self.model)
+        structure = self.structure
+        # what fix_masks changes, to put back if the push fails: the model stays the one training left
+        before = (structure.scores().clone(), structure.masks().clone(), [g.fixed.clone() for g in structure])
         if not masks_fixed(model):
             fix_masks(model)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         card_kwargs.setdefault("training_args", self.args)
-        return push_sparse_to_hub(
-            model, repo_id, export=export, token=token or self.args.hub_token, private=self.args.hub_private_repo,
-            commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
-        )
+        try:
+            return push_sparse_to_hub(
+                model, repo_id, export=export, token=token or self.args.hub_token, private=self.args.hub_private_repo,
+                commit_message=commit_message, revision=revision, tokenizer=self.processing_class, **card_kwargs,
+            )
+        except BaseException:
+            scores, masks, fixed = before
+            structure.set_scores(scores)
+            structure.set_masks(masks)
+            for g, flag in zip(structure, fixed):
+                g.fixed.copy_(flag)
+            raise
 
     def unsharded_model(self) -> nn.Module | None:
         """The trained sparse model whole, to export or inspect: the unwrapped model, or, under FSDP (weights
@@ -149,6 +179,12 @@ class CheckpointMixin:
                     "(zero3_save_16bit_model: true in the accelerate config)"
                 )
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # in the fixed phase the dropped units' weights are set aside and zeroed in the live model (they cost
+        # nothing there); every save writes their real values (each rank its own block before FSDP gathers)
+        with self._frozen_units.restored():
+            super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """What `save_model`, every checkpoint and `push_to_hub` write: a sparse checkpoint of the model with the
         mask evaluation uses (top-K, or dense before any structure is learned). `load_sparse_model(folder)` gives
@@ -177,6 +213,7 @@ class CheckpointMixin:
                                 resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        self._frozen_units.unsettle()  # the set-aside values belong to the current mask, not the best model's
         super()._load_best_model()
         best = self.state.best_model_checkpoint
         if best and not self._engine_loaded_every_weight(best):
@@ -224,18 +261,51 @@ class CheckpointMixin:
                 # the warm-up teacher exists nowhere else: a resumed run needs it to go on distilling
                 torch.save(self._distiller.teacher.state_dict(), os.path.join(folder, TEACHER_STATE_NAME))
 
+    def _check_resume(self, checkpoint: str) -> None:
+        """Refuse, before anything is loaded, a checkpoint that would resume as another run: saved with another
+        SparseConfig, its sparse_config.json edited, its dropped values or (before the mask is fixed) its
+        structure state missing. Each is checked whatever else the folder lacks."""
+        if not os.path.isdir(checkpoint):
+            return  # the Trainer names a missing checkpoint itself
+        if os.path.isfile(os.path.join(checkpoint, CONFIG_NAME)):
+            saved = SparseConfig.from_pretrained(checkpoint).to_dict()
+            ours = self.sparse_config.to_dict()
+            if saved != ours:
+                changed = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {ours.get(k)!r}"
+                                    for k in sorted(set(saved) | set(ours)) if saved.get(k) != ours.get(k))
+                raise ValueError(
+                    f"{checkpoint} was trained with another SparseConfig ({changed}); resume with the checkpoint's "
+                    f"own config (its {CONFIG_NAME}), or start a new run for the new one"
+                )
+        check_config_stamp(checkpoint)
+        if (not self._engine_loaded_every_weight(checkpoint)
+                and not os.path.isfile(os.path.join(checkpoint, DROPPED_WEIGHTS_NAME))):
+            units = saved_dropped_units(checkpoint)
+            if units:
+                raise ValueError(missing_dropped_message(checkpoint, units))
+        if not os.path.isfile(os.path.join(checkpoint, STRUCTURE_STATE_NAME)):
+            step, max_steps = checkpoint_steps(checkpoint)
+            if not self._fixed_from_start and (self.args.fix_masks_at >= 1.0 or step < self.fix_step(max_steps)):
+                raise ValueError(
+                    f"{checkpoint} has no {STRUCTURE_STATE_NAME}, and at its step ({step}) the mask is not fixed yet "
+                    f"(fixed at step {self.fix_step(max_steps)}): the structure optimizer's state and the accumulated "
+                    "importance would start afresh, and the run would go on to another structure than the "
+                    f"uninterrupted one. Copy {STRUCTURE_STATE_NAME} back, or resume from a complete checkpoint"
+                )
+            logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}; the mask is fixed at that step, so only the "
+                           "sparse/ running counters (FLOPs ratio, skipped updates) start afresh")
+
     def _load_structure_state(self, checkpoint: str):
         path = os.path.join(checkpoint, STRUCTURE_STATE_NAME)
         if not os.path.isfile(path):
-            logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}: the structure optimizer starts fresh")
-            return
+            return  # allowed by _check_resume: the mask is fixed at that step
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or corrupt: torch raises several kinds
             raise ValueError(
                 f"{path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). Resume from an earlier "
-                f"checkpoint, or delete {STRUCTURE_STATE_NAME} to resume with a fresh structure optimizer (the "
-                "scores saved in the model weights are kept)"
+                f"checkpoint (or, for a checkpoint whose mask is already fixed, delete {STRUCTURE_STATE_NAME}: only "
+                "running counters are lost)"
             ) from e
         if not isinstance(state, dict) or "sparse_config" not in state:
             raise ValueError(f"{path} is not a SparseTrainer structure state; resume from a SparseTrainer checkpoint")
