@@ -276,9 +276,20 @@ def test_units_not_computed_keep_their_weights_and_optimizer_state(tmp_path, opt
             kept = (computed[offset: offset + group.num_units] == 1).nonzero().squeeze(1)
             assert not torch.equal(layer.weight.detach()[:, kept], w0[:, kept])
 
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # the last search step: the weights the mask is fixed on
+                at_fixing.append(layer.weight.detach().clone())
+
+    at_fixing = []
     trainer.add_callback(Snap())
     trainer.train()
     assert len(records) == 4  # two search steps, two fixed steps
+    # In the fixed steps the dropped entries are set aside and zero in the live model (the checks above then compare
+    # zeros, which is what makes that phase free); what matters is that their real values come back afterwards:
+    # the fixed mask's dropped columns hold exactly the weights they had when the mask was fixed.
+    dropped = (group.mask == 0).nonzero().squeeze(1)
+    assert float(at_fixing[0][:, dropped].abs().sum()) > 0
+    assert torch.equal(layer.weight.detach()[:, dropped], at_fixing[0][:, dropped])
 
 
 # --- 6: the structure state stays float32 -----------------------------------------------------------------

@@ -69,3 +69,31 @@ def deepspeed_config(stage: int) -> dict:
         "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
     }
+
+
+def plant_costly_units(model, fraction: float = 1 / 16, cost: float = 1.0, seed: int = 0):
+    """Planted units with a known answer: `fraction` of the units of every unit group (at least one) add `cost`
+    each to the model's loss whenever the mask the layers compute with keeps them; the rest of the loss is the
+    model's own. The expected loss falls by `cost` per planted unit dropped, so any search that descends it ranks
+    the planted units last; one that ascends it (a flipped sign, losses paired with the wrong masks) keeps them.
+    `model` is already sparsified. Returns the planted units as a bool vector over the flat structure."""
+    import hf_sparse as hs
+
+    structure = hs.SparseStructure(model)
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for group in structure.groups:
+        chosen = torch.zeros(group.num_units, dtype=torch.bool)
+        chosen[torch.randperm(group.num_units, generator=g)[: max(1, round(fraction * group.num_units))]] = True
+        parts.append(chosen)
+    planted = torch.cat(parts)
+
+    def add_cost(module, args, output):
+        if getattr(output, "loss", None) is None:
+            return None
+        kept = structure.masks()[planted.to(structure.device)].sum()
+        output.loss = output.loss + cost * kept.to(output.loss)
+        return output
+
+    model.register_forward_hook(add_cost)
+    return planted
