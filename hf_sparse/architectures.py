@@ -9,7 +9,7 @@ anything else can pass the same layout as `SparseConfig(architecture={...})`.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 ROLES = ("out", "in")
@@ -68,6 +68,14 @@ class ArchitectureSpec:
     mlp: BlockSpec | None = None
     attention: BlockSpec | None = None
     decoder: bool = False  # a causal-LM family: the benchmarks build it with AutoModelForCausalLM
+    # What the family's config can say, for the standard config of a uniform-layers shrunk export
+    # (SparseConfig.uniform_layers; hf_sparse/shrink.py): the config field of the MLP width (None: the MLP stays
+    # at full size with the dropped neurons zeroed), whether it takes an explicit `head_dim` (so fewer heads
+    # keep their size; else the attention stays at full size, dropped heads zeroed), and whether it refuses a
+    # `num_attention_heads` that does not divide `hidden_size` even then (LlamaConfig in Transformers 5.25).
+    mlp_size_attr: str | None = None
+    explicit_head_dim: bool = False
+    heads_divide_hidden: bool = False
     notes: str = field(default="", compare=False)
 
     def blocks(self) -> dict[str, BlockSpec]:
@@ -82,7 +90,7 @@ class ArchitectureSpec:
         "head_attrs": [["num_heads", "1"]], "shrink_attrs": [["n_heads", "query_heads"]], "head_dim_attrs":
         ["head_size"], "empty": {"core": "", "norm": "ln_1"}}, "decoder": true}`; either block may be missing.
         Without "empty" a block with nothing kept computes one stand-in unit (correct for any layout)."""
-        unknown = sorted(set(data) - {"mlp", "attention", "decoder", "notes"})
+        unknown = sorted(set(data) - {"mlp", "attention", "decoder", "notes", *_CONFIG_KEYS})
         if unknown:
             raise ValueError(f"SparseConfig.architecture has unknown keys {unknown}; expected 'mlp' and/or 'attention'")
         blocks = {}
@@ -117,7 +125,13 @@ class ArchitectureSpec:
             blocks[key] = spec
         if not blocks:
             raise ValueError("SparseConfig.architecture defines neither 'mlp' nor 'attention'")
-        return cls(**blocks, decoder=bool(data.get("decoder", False)), notes=data.get("notes", ""))
+        return cls(**blocks, decoder=bool(data.get("decoder", False)), notes=data.get("notes", ""),
+                   mlp_size_attr=data.get("mlp_size_attr"),
+                   explicit_head_dim=bool(data.get("explicit_head_dim", False)),
+                   heads_divide_hidden=bool(data.get("heads_divide_hidden", False)))
+
+
+_CONFIG_KEYS = ("mlp_size_attr", "explicit_head_dim", "heads_divide_hidden")
 
 
 def _plain_mlp(anchor: str, up: tuple[str, ...], down: str, empty: EmptyBlock | None = None) -> BlockSpec:
@@ -134,6 +148,7 @@ _BERT = ArchitectureSpec(
     mlp=_plain_mlp(r"layer\.\d+", ("intermediate.dense",), "output.dense", EmptyBlock("intermediate")),
     attention=_qkvo_attention(r"layer\.\d+\.attention", "self.query", "self.key", "self.value", "output.dense",
                               empty=EmptyBlock("self")),
+    mlp_size_attr="intermediate_size",  # the head size is hidden_size // num_attention_heads: heads stay
     notes="BERT-style encoders: intermediate.dense / output.dense, self.{query,key,value} / output.dense",
 )
 _GPT2 = ArchitectureSpec(
@@ -145,6 +160,7 @@ _GPT2 = ArchitectureSpec(
         empty=EmptyBlock("", "ln_1", "resid_dropout"),
     ),
     decoder=True,
+    mlp_size_attr="n_inner",
     notes="GPT-2: Conv1D layers, fused c_attn split by split_size",
 )
 _LLAMA = ArchitectureSpec(
@@ -152,8 +168,12 @@ _LLAMA = ArchitectureSpec(
     attention=_qkvo_attention(r"layers\.\d+\.self_attn", "q_proj", "k_proj", "v_proj", "o_proj",
                               empty=EmptyBlock("", "input_layernorm")),
     decoder=True,
+    mlp_size_attr="intermediate_size",
+    explicit_head_dim=True,
+    heads_divide_hidden=True,  # LlamaConfig.validate_architecture: hidden_size % num_attention_heads == 0
     notes="Llama-style decoders: gated MLP, grouped-query attention (a unit is one key/value group)",
 )
+_MISTRAL = replace(_LLAMA, heads_divide_hidden=False)  # Mistral's and Qwen2's configs take any head count
 _OPT = ArchitectureSpec(
     mlp=_plain_mlp(r"layers\.\d+", ("fc1",), "fc2"),
     attention=_qkvo_attention(
@@ -161,6 +181,7 @@ _OPT = ArchitectureSpec(
         empty=EmptyBlock(""),  # its norm is a pre-norm or a post-norm depending on the config: not skipped
     ),
     decoder=True,
+    mlp_size_attr="ffn_dim",
     notes="OPT: fc1 / fc2 in the decoder layer (no module of their own: an empty MLP computes a stand-in "
           "unit); attention reshapes with self.num_heads",
 )
@@ -171,8 +192,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "xlm-roberta": _BERT,
     "gpt2": _GPT2,
     "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
+    "mistral": _MISTRAL,
+    "qwen2": _MISTRAL,
     "opt": _OPT,
 }
 

@@ -40,6 +40,14 @@ class SparseConfig:
             each unit's weight norm, projected onto the budget).
         architecture: an explicit unit layout for a model type hf_sparse has no table entry for (see
             `hf_sparse.architectures.ArchitectureSpec.from_dict`).
+        uniform_layers: every layer keeps the same number of units of each kind (heads -- key/value groups
+            under grouped-query attention -- and MLP neurons), so that `export_model(..., export="shrink")`
+            writes a standard config (a smaller `intermediate_size`, fewer heads with an explicit `head_dim`
+            where the family's config takes one) that plain `from_pretrained`, `pipeline()` and other runtimes
+            load. The budget is the same global one; the deterministic top-K mask (`fix_masks`, the trainer's
+            fixed and evaluation mask) takes whole *levels* -- one more unit in every layer of a kind -- by
+            descending mean score, while they fit (docs/export.md, "Serving a shrunk model"). The search itself
+            is not forced: masks sampled while searching still differ between layers. Structured units only.
     """
 
     sparsity: float = 0.5
@@ -50,6 +58,7 @@ class SparseConfig:
     compute: str = "gather"
     score_init: str = "ones"
     architecture: dict[str, Any] | None = None
+    uniform_layers: bool = False
     version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -77,6 +86,13 @@ class SparseConfig:
             raise ValueError(
                 f"SparseConfig.granularity={self.granularity}: 'weight' cannot be combined with structured units "
                 "on the same projections; use ['neuron', 'head'] or ['weight']"
+            )
+        if not isinstance(self.uniform_layers, bool):
+            raise ValueError(f"SparseConfig.uniform_layers must be True or False, got {self.uniform_layers!r}")
+        if self.uniform_layers and self.uses_weights:
+            raise ValueError(
+                "SparseConfig.uniform_layers=True needs structured units (granularity 'neuron' and/or 'head'): "
+                "element-wise sparsity has no per-layer count to keep equal"
             )
         _check_choice("budget", self.budget, BUDGETS)
         _check_choice("compute", self.compute, COMPUTE_MODES)

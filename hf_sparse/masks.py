@@ -12,7 +12,7 @@ from torch import nn
 
 from .budget import check_keeps_a_unit
 from .model_state import get_sparse_config, is_sparsified
-from .structure import SparseStructure, UnitGroup, sample_masks
+from .structure import SparseStructure, UnitGroup, check_keeps_a_level, sample_masks
 
 logger = logging.getLogger("hf_sparse.export")
 
@@ -42,6 +42,8 @@ def fix_masks(
     keep the one with the highest `score_fn(model)` (called with that mask set, under `torch.no_grad()`;
     e.g. minus the loss on a few training batches). Sampled masks meet the budget only in expectation.
     `sparsity` overrides the config's target for "topk".
+    With `SparseConfig.uniform_layers`, "topk" keeps the same number of units of each kind in every layer
+    (`hf_sparse.structure.uniform_topk_mask`) and "sample" is refused (its draws differ between layers).
     """
     if not is_sparsified(model):
         raise ValueError("fix_masks needs a sparsified model: call hf_sparse.sparsify_model(model, config) first")
@@ -68,8 +70,20 @@ def fix_masks(
             )
         costs = structure.costs(config.budget)
         check_keeps_a_unit(costs, sparsity, what="fix_masks: sparsity")
-        mask = structure.topk_mask(costs, (1.0 - float(sparsity)) * float(costs.double().sum()))
+        if config.uniform_layers:
+            check_keeps_a_level(structure, costs, sparsity, what="fix_masks: sparsity")
+        mask = structure.topk_mask(costs, (1.0 - float(sparsity)) * float(costs.double().sum()),
+                                   uniform=config.uniform_layers)
+        if config.uniform_layers:
+            logger.info("hf_sparse.fix_masks: uniform layers: %s", ", ".join(
+                f"{max(counts)} {kind}s kept in each of {len(counts)} layers"
+                for kind, counts in structure.kept_counts(mask).items()))
     else:
+        if config.uniform_layers:
+            raise ValueError(
+                "fix_masks(method='sample') draws every unit on its own, so the layers would keep different numbers "
+                "of units; with SparseConfig.uniform_layers=True use method='topk' (the default)"
+            )
         if score_fn is None or not callable(score_fn):
             raise ValueError(
                 "fix_masks(method='sample') needs score_fn: a callable score_fn(model) -> float, higher is better "

@@ -22,7 +22,7 @@ from .empty_blocks import EmptySkip, install_skip, remove_skip, remove_skips
 from .layers import SUPPORTED_LAYER_TYPES, MaskedWeightLinear, SparseLinear, is_supported_linear, layer_features
 from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts
 from .shrink import shrink_model
-from .structure import SparseStructure, UnitGroup
+from .structure import SparseStructure, UnitGroup, check_keeps_a_level
 
 __all__ = ["CONFIG_ATTR", "get_sparse_config", "init_scores", "is_sparsified", "sparsify_model", "unit_magnitudes",
            "unsparsify_model"]
@@ -223,6 +223,18 @@ def _build_weight_groups(model, config, spec, candidates):
     return plans
 
 
+def _set_admissible_head_counts(plans, geometry, hidden_size: int | None) -> None:
+    """The kv-group counts whose query heads divide hidden_size: the only ones the family's config accepts
+    (a uniform-layers mask keeps one of them, so that its shrunk export loads with plain from_pretrained)."""
+    if not isinstance(hidden_size, int):
+        return
+    for plan in plans:
+        group = plan[2]
+        if group.kind == "head":
+            group.admissible_counts = [n for n in range(1, group.num_units + 1)
+                                       if hidden_size % (n * geometry.group_size) == 0]
+
+
 def _is_inside_lora(model, name: str) -> bool:
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -264,6 +276,8 @@ def sparsify_model(model: nn.Module, config: SparseConfig | None = None, filter_
         plans = []
         for kind in config.granularity:
             plans += _build_block_groups(model, config, blocks[kind], kind, geometry, candidates)
+        if geometry is not None and spec.heads_divide_hidden:
+            _set_admissible_head_counts(plans, geometry, getattr(model_config, "hidden_size", None))
     if filter_fn is not None:
         plans = [p for p in plans if filter_fn(p[1], p[0])]
     if not plans:
@@ -354,6 +368,8 @@ def init_scores(model: nn.Module, config: SparseConfig) -> None:
     structure = SparseStructure(model)
     costs = structure.costs(config.budget)
     check_keeps_a_unit(costs, config.sparsity)  # (raised inside sparsify_model's undo block: nothing stays patched)
+    if config.uniform_layers:
+        check_keeps_a_level(structure, costs, config.sparsity)
     target = (1.0 - config.sparsity) * float(costs.double().sum())
     if config.score_init == "ones":
         flat = torch.ones(structure.num_units, device=structure.device)

@@ -35,6 +35,7 @@ class SparsityReport:
     total_params: int = 0
     forward_flops_fraction: float = 1.0  # matmul FLOPs per token vs the dense model, by the current mask
     seq_len: int = 128
+    uniform_layers: bool = False  # SparseConfig.uniform_layers: the top-K keeps the same count in every layer
 
     @property
     def sparsity(self) -> float:
@@ -69,7 +70,25 @@ class SparsityReport:
             f"model parameters: {self.total_params}; forward matmul FLOPs vs dense at seq_len {self.seq_len}: "
             f"{self.forward_flops_fraction:.4f}"
         )
+        if self.uniform_layers:
+            lines.append("uniform layers: " + " | ".join(
+                f"{kind}: {description}" for kind, description in self.uniform_counts().items()))
         return "\n".join(lines)
+
+    def uniform_counts(self) -> dict[str, str]:
+        """Per kind, what each layer keeps: "2 of 4 in every layer" when the current mask is uniform, else the
+        list; the top-K mask at the target beside it when it differs (e.g. before `fix_masks`)."""
+        out = {}
+        for kind in dict.fromkeys(g.kind for g in self.groups):
+            groups = [g for g in self.groups if g.kind == kind]
+            units = max(g.units for g in groups)
+            kept, topk = [g.kept for g in groups], [g.kept_topk for g in groups]
+            text = (f"{kept[0]} of {units} in every layer" if len(set(kept)) == 1
+                    else f"{kept} of {units} (not uniform: call fix_masks)")
+            if topk != kept:
+                text += f"; top-K {topk[0] if len(set(topk)) == 1 else topk}"
+            out[kind] = text
+        return out
 
 
 @torch.no_grad()
@@ -81,8 +100,11 @@ def sparsity_report(model: nn.Module, seq_len: int = 128) -> SparsityReport:
     structure = SparseStructure(model)
     costs = structure.costs(config.budget)
     target = (1.0 - config.sparsity) * float(costs.double().sum())
-    topk = structure.split(topk_mask(structure.scores(), costs, target))
-    report = SparsityReport(target_sparsity=config.sparsity, seq_len=seq_len)
+    if config.uniform_layers:  # the mask fix_masks keeps: the same count in every layer
+        topk = structure.split(structure.topk_mask(costs, target, uniform=True))
+    else:
+        topk = structure.split(topk_mask(structure.scores(), costs, target))
+    report = SparsityReport(target_sparsity=config.sparsity, seq_len=seq_len, uniform_layers=config.uniform_layers)
     for name, g, tk in zip(structure.names, structure.groups, topk):
         ppu = g.params_per_unit.double()
         params, kept_p, tk_p = float(ppu.sum()), float((ppu * g.mask).sum()), float((ppu * tk).sum())

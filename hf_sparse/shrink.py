@@ -2,11 +2,17 @@
 
 Per-layer sizes go into `config.hf_sparse_shapes` (config.json), and `load_sparse_model` rebuilds them. An
 attention module with no head left becomes `NoHeadsAttention`; a GPT-2 `Conv1D` with no input, `ZeroInputConv1D`.
+
+A model of `SparseConfig(uniform_layers=True)` gets a standard config instead (`_standard_plan`): every layer
+keeps the same counts, so the family's own fields (`intermediate_size`, `num_key_value_heads` with an explicit
+`head_dim`, ...) say the sizes, and plain `from_pretrained` loads it; a kind the config cannot express keeps its
+full size with the dropped units zeroed.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -14,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import DEFAULT_HEAD_DIM_ATTRS, DEFAULT_SHRINK_ATTRS, head_geometry
+from .architectures import DEFAULT_HEAD_DIM_ATTRS, DEFAULT_SHRINK_ATTRS, get_architecture, head_geometry
 from .empty_blocks import remove_skips, update_empty_cache
 from .layers import Conv1D, MaskedWeightLinear, SparseLinear, layer_features
 from .model_state import CONFIG_ATTR, get_sparse_config, is_sparsified, lora_parts, parent_module
@@ -22,6 +28,8 @@ from .structure import SparseStructure, unit_rows
 
 SHAPES_KEY = "hf_sparse_shapes"  # the attribute of the Transformers config (a field of config.json)
 SHAPES_VERSION = 1
+
+logger = logging.getLogger("hf_sparse.export")
 
 
 class ZeroInputConv1D(Conv1D):
@@ -111,6 +119,9 @@ def shrink_model(model: nn.Module) -> nn.Module:
     attention modules' head counts adjusted. The per-layer sizes are stored in `model.config.hf_sparse_shapes`,
     so `model.save_pretrained(path)` writes them to config.json and `hf_sparse.load_sparse_model(path)`
     rebuilds the model (plain `from_pretrained` would see the dense sizes and refuse the weights).
+
+    With `SparseConfig.uniform_layers` the sizes go into the config's own fields instead (no
+    `hf_sparse_shapes`): `from_pretrained` of the saved folder builds the shrunk model (`_standard_plan`).
     """
     if not is_sparsified(model):
         raise ValueError("shrink_model needs a sparsified model: call hf_sparse.sparsify_model(model, config) first")
@@ -135,15 +146,20 @@ def shrink_model(model: nn.Module) -> nn.Module:
     model_config = getattr(model, "config", None)
     if model_config is None:
         raise ValueError("shrink_model needs a Transformers model (with a .config to store the layer sizes in)")
+    standard = _standard_plan(model_config, structure, config) if config.uniform_layers else None
     # a model shrunk before (and sparsified again) keeps the sizes of the layers this round leaves alone
     shapes = copy.deepcopy(getattr(model_config, SHAPES_KEY, None)) or {}
     shapes = {"version": SHAPES_VERSION, "modules": {}, "attributes": {}, "no_heads": {}, **shapes}
     plan = []  # compute everything first, then swap
+    zeroed = []  # (group name, group, its layers): kept at full size, dropped units zeroed (standard config)
     for group_name, group in zip(structure.names, structure.groups):
         kept = group.mask.nonzero().squeeze(1)
         layers = members[id(group)]
         if not layers:
             raise ValueError(f"unit group {group_name} has no layers")
+        if standard is not None and group.kind in standard[1]:
+            zeroed.append((group_name, group, layers))
+            continue
         new_layers = [(name, layer, _shrunk_layer(layer, kept)) for name, layer in layers]
         attrs: dict[str, dict[str, int]] = defaultdict(dict)
         no_heads = None
@@ -169,6 +185,13 @@ def shrink_model(model: nn.Module) -> nn.Module:
         plan.append((group_name, group, new_layers, attrs, no_heads))
 
     remove_skips(model)  # the cores of empty blocks get their own classes back (NoHeadsAttention copies them)
+    for group_name, group, layers in zeroed:
+        for name, layer in layers:
+            parent, child = parent_module(model, name)
+            setattr(parent, child, layer.to_linear(zero_dropped=True))
+        group.restore_head_attrs()
+        owner, attr = parent_module(model, group_name)
+        delattr(owner, attr)
     for group_name, group, new_layers, attrs, no_heads in plan:
         for name, layer, new in new_layers:
             parent, child = parent_module(model, name)
@@ -190,8 +213,66 @@ def shrink_model(model: nn.Module) -> nn.Module:
         delattr(owner, attr)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
-    setattr(model_config, SHAPES_KEY, shapes)
+    if standard is not None:
+        for attr, value in standard[0].items():
+            setattr(model_config, attr, value)
+    else:
+        setattr(model_config, SHAPES_KEY, shapes)
     return model
+
+
+def _standard_plan(model_config, structure: SparseStructure, config) -> tuple[dict[str, int], set[str]] | None:
+    """How a uniform-layers model shrinks into a standard config: (the config fields to set, the kinds kept at
+    full size with their dropped units zeroed), or None (the `hf_sparse_shapes` path: a model shrunk before).
+
+    A kind is removed physically when every layer of the model has a group of it (none excluded), every group
+    keeps the same number n >= 1 of its units, and the family's config can say n (`ArchitectureSpec`:
+    `mlp_size_attr`; `explicit_head_dim`, and n query heads dividing hidden_size where `heads_divide_hidden`).
+    Otherwise that kind stays at full size with the dropped units' weights zeroed: the config is still the
+    standard one and the logits are the sparse model's. Each such choice is logged with its reason."""
+    if getattr(model_config, SHAPES_KEY, None):
+        logger.warning("hf_sparse.shrink: the model was shrunk before (config.%s): its per-layer sizes stay there, so "
+                       "it loads with hf_sparse.load_sparse_model only (uniform_layers needs one shrink of the dense "
+                       "model for a standard config)", SHAPES_KEY)
+        return None
+    spec = get_architecture(model_config, config.architecture)
+    layers = getattr(model_config, "num_hidden_layers", None)
+    fields: dict[str, int] = {}
+    zeroed: set[str] = set()
+    for kind, counts in structure.kept_counts().items():
+        groups = [g for g in structure if g.kind == kind]
+        name = {"neuron": "MLP neurons", "head": "attention heads"}[kind]
+        n = counts[0]
+        reason = None
+        if len(groups) != layers:
+            reason = f"{len(groups)} of the model's {layers} layers have prunable {name} (the others keep theirs)"
+        elif len(set(counts)) != 1:
+            reason = (f"the layers keep different numbers of {name} ({counts}): the mask is not the uniform top-K "
+                      "(call hf_sparse.fix_masks(model) first)")
+        elif n == 0:
+            reason = f"every {name[:-1]} is dropped, which a config cannot say"
+        elif kind == "neuron":
+            if spec.mlp_size_attr is None:
+                reason = "the architecture layout names no config field for the MLP width (mlp_size_attr)"
+            else:
+                fields[spec.mlp_size_attr] = n
+        else:
+            geometry = head_geometry(model_config)
+            query_heads = n * geometry.group_size
+            hidden = getattr(model_config, "hidden_size", None)
+            if not spec.explicit_head_dim:
+                reason = (f"{model_config.model_type}'s config derives the head size from hidden_size / "
+                          "num_attention_heads, so fewer heads cannot keep their size")
+            elif spec.heads_divide_hidden and (not isinstance(hidden, int) or hidden % query_heads):
+                reason = (f"{type(model_config).__name__} refuses num_attention_heads={query_heads}: it does not "
+                          f"divide hidden_size={hidden}")
+            else:
+                fields.update(num_attention_heads=query_heads, num_key_value_heads=n, head_dim=geometry.head_dim)
+        if reason is not None:
+            zeroed.add(kind)
+            logger.warning("hf_sparse.shrink: uniform_layers: the %s keep their full size in the export, the dropped "
+                           "ones zeroed (the config stays standard; no compute saved there), because %s", name, reason)
+    return fields, zeroed
 
 
 def _head_dim(attn: nn.Module, model_config, attrs: tuple[str, ...]) -> int:

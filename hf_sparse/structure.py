@@ -42,6 +42,9 @@ class UnitGroup(nn.Module):
         # Attention modules whose reshape attributes follow the number of computed heads: (module, attr, width).
         self._head_attrs: list[tuple[nn.Module, str, int]] = []
         self._index_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        # The kept counts a uniform-layers mask may give this group (None: any); set where the family's config
+        # cannot express every count (LlamaConfig refuses a head count that does not divide hidden_size).
+        self.admissible_counts: list[int] | None = None
         self._refresh()
 
     def extra_repr(self) -> str:
@@ -165,9 +168,40 @@ class SparseStructure:
         for g, m in zip(self.groups, self.split(flat.to(self.device, torch.float32))):
             g.set_mask(m)
 
-    def topk_mask(self, costs: torch.Tensor, budget: float) -> torch.Tensor:
-        """`topk_mask` of the current scores, ties spread over the groups (never towards whole layers)."""
+    def kinds(self) -> list[str]:
+        return [g.kind for g in self.groups]
+
+    def admissible_counts(self) -> dict[str, list[int]] | None:
+        """Per kind, the kept counts every group of that kind admits (`UnitGroup.admissible_counts`); None: any."""
+        out: dict[str, set[int]] = {}
+        for g in self.groups:
+            if g.admissible_counts is not None:
+                counts = set(g.admissible_counts)
+                out[g.kind] = out[g.kind] & counts if g.kind in out else counts
+        return {kind: sorted(counts) for kind, counts in out.items()} or None
+
+    def topk_mask(self, costs: torch.Tensor, budget: float, uniform: bool = False) -> torch.Tensor:
+        """`topk_mask` of the current scores, ties spread over the groups (never towards whole layers).
+        `uniform=True` (`SparseConfig.uniform_layers`): every group of a kind keeps the same number of units."""
+        if uniform:
+            return topk_mask(self.scores(), costs, budget, group_sizes=self.sizes, group_kinds=self.kinds(),
+                             admissible_counts=self.admissible_counts())
         return topk_mask(self.scores(), costs, budget, group_sizes=self.sizes)
+
+    def kept_counts(self, mask: torch.Tensor | None = None) -> dict[str, list[int]]:
+        """Per kind, the kept units of each group (in module order) under `mask` (default: the current masks)."""
+        parts = self.split(mask) if mask is not None else [g.mask for g in self.groups]
+        out: dict[str, list[int]] = {}
+        for g, m in zip(self.groups, parts):
+            out.setdefault(g.kind, []).append(int(m.sum()))
+        return out
+
+    def smallest_uniform_level(self, costs: torch.Tensor) -> float:
+        """The cost of the cheapest thing a uniform-layers mask can keep: one admissible count of one kind in
+        every group of that kind (`topk_mask` with `group_kinds`). A smaller budget keeps nothing."""
+        levels = _uniform_levels(torch.zeros(self.num_units), costs, self.sizes, self.kinds(), self.admissible_counts())
+        firsts = [float(c[0]) for _, _, _, c in levels[0] if c.numel()]
+        return min(firsts) if firsts else float("inf")
 
     def scores_tied(self) -> bool:
         """True while every score is equal (nothing learned yet): a top-K of them would be decided by ties."""
@@ -228,10 +262,14 @@ def _descending_order(scores: torch.Tensor, group_sizes: list[int] | None) -> to
 
 
 def topk_mask(
-    scores: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int] | None = None
+    scores: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int] | None = None,
+    group_kinds: list[str] | None = None, admissible_counts: dict[str, list[int]] | None = None,
 ) -> torch.Tensor:
     """The deterministic mask: units by descending score, kept while they fit in `budget`, then any smaller
     unit that still fits (greedy, in that order), so the budget is filled as exactly as the costs allow.
+
+    With `group_kinds` (each group's kind, beside `group_sizes`): the uniform-layers mask, in which every group
+    of a kind keeps the same number of units (its top-n by score), see `uniform_topk_mask`.
 
     Ties: with `group_sizes` (the units of each group, in flat order) a tie is broken by the unit's relative
     position inside its group, so equal scores spread the budget over every group instead of keeping the
@@ -239,6 +277,10 @@ def topk_mask(
     Without it, by index. Vectorised: each pass takes the longest run of candidates that fits; the greedy
     fill needs at most one pass per distinct unit cost, so it stays cheap at 7B scale (~350k units).
     """
+    if group_kinds is not None:
+        if group_sizes is None:
+            raise ValueError("topk_mask: group_kinds needs group_sizes (the units of each group)")
+        return uniform_topk_mask(scores, costs, budget, group_sizes, group_kinds, admissible_counts)
     n = scores.numel()
     device = scores.device
     order = _descending_order(scores.detach(), group_sizes)
@@ -263,3 +305,118 @@ def topk_mask(
     mask = torch.zeros(n, dtype=torch.float32, device=device)
     mask[order[take]] = 1.0
     return mask
+
+
+# --- uniform layers -------------------------------------------------------------------------------------------
+def _uniform_levels(scores: torch.Tensor, costs: torch.Tensor, group_sizes: list[int], group_kinds: list[str],
+                    admissible_counts: dict[str, list[int]] | None):
+    """The levels of a uniform-layers mask. A level of a kind raises the kept count of every group of that kind
+    from one admissible count to the next (by default: by one unit), adding each group's next best units.
+
+    Returns ([(kind, counts, level scores, level costs)], per-group descending orders). A level's score is the
+    mean score of the units it adds, made non-increasing along the kind (a running minimum) so that the levels of
+    a kind are always taken as a prefix; its cost, the sum of their costs.
+    """
+    if len(group_sizes) != len(group_kinds):
+        raise ValueError(f"{len(group_kinds)} group kinds for {len(group_sizes)} groups")
+    if sum(group_sizes) != scores.numel():
+        raise ValueError(f"group_sizes add up to {sum(group_sizes)} units, the scores have {scores.numel()}")
+    s_parts = torch.split(scores.detach().double().cpu(), group_sizes)
+    c_parts = torch.split(costs.detach().double().cpu(), group_sizes)
+    orders = [torch.argsort(-s, stable=True) for s in s_parts]  # within a group, ties by index
+    levels = []
+    for kind in dict.fromkeys(group_kinds):
+        members = [i for i, k in enumerate(group_kinds) if k == kind]
+        depth = max(group_sizes[i] for i in members)
+        if depth == 0:
+            continue
+        row_s = torch.zeros(depth, dtype=torch.float64)  # sums over the groups of their r-th best unit
+        row_c = torch.zeros(depth, dtype=torch.float64)
+        row_n = torch.zeros(depth, dtype=torch.float64)
+        for i in members:
+            n = group_sizes[i]
+            row_s[:n] += s_parts[i][orders[i]]
+            row_c[:n] += c_parts[i][orders[i]]
+            row_n[:n] += 1
+        allowed = (admissible_counts or {}).get(kind)
+        if allowed is not None:
+            counts = sorted({int(k) for k in allowed if 0 < int(k) <= depth})
+        else:
+            counts = list(range(1, depth + 1))
+        if not counts:
+            continue
+        ends = torch.tensor(counts)
+        starts = torch.tensor([0] + counts[:-1])
+        zero = torch.zeros(1, dtype=torch.float64)
+        cs, cc, cn = (torch.cat([zero, torch.cumsum(x, 0)]) for x in (row_s, row_c, row_n))
+        level_s = (cs[ends] - cs[starts]) / (cn[ends] - cn[starts])
+        level_c = cc[ends] - cc[starts]
+        level_s = torch.cummin(level_s, 0).values
+        levels.append((kind, counts, level_s, level_c))
+    return levels, orders
+
+
+def uniform_topk_mask(
+    scores: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int], group_kinds: list[str],
+    admissible_counts: dict[str, list[int]] | None = None,
+) -> torch.Tensor:
+    """The deterministic mask of `SparseConfig.uniform_layers`: every group of a kind keeps the same number n of
+    units, its n best by score (ties by index), and the total cost stays within `budget`.
+
+    How n is chosen per kind: the levels of every kind (`_uniform_levels`: one more unit in every group of the
+    kind, or the next admissible count) compete in one greedy top-K, as units do in the ordinary mask -- by
+    descending mean score of the units they add, ties spread over the kinds by relative depth (level / levels of
+    its kind), each kept while it fits; a level that no longer fits closes its kind (a count is a prefix), and
+    the other kinds go on filling. So the split of the budget between heads and neurons follows the scores, and
+    the budget is filled until no kind can grow by one more level. A group with fewer units than n keeps all.
+    """
+    device = scores.device
+    levels, orders = _uniform_levels(scores, costs, group_sizes, group_kinds, admissible_counts)
+    chosen = {kind: 0 for kind in group_kinds}
+    if levels:
+        flat_s = torch.cat([lv[2] for lv in levels])
+        flat_c = torch.cat([lv[3] for lv in levels])
+        kind_of = torch.cat([torch.full((lv[2].numel(),), i, dtype=torch.long) for i, lv in enumerate(levels)])
+        order = _descending_order(flat_s, [lv[2].numel() for lv in levels])
+        c, kinds = flat_c[order], kind_of[order]
+        open_kinds = torch.ones(len(levels), dtype=torch.bool)
+        take = torch.zeros(order.numel(), dtype=torch.bool)
+        left = float(budget)
+        tol = 1e-9 * max(float(budget), 1.0)
+        while True:
+            cand = (~take & open_kinds[kinds]).nonzero().squeeze(1)
+            if cand.numel() == 0:
+                break
+            cum = torch.cumsum(c[cand], 0)
+            fits = int((cum <= left + tol).sum())  # a prefix: every level costs > 0
+            if fits:
+                take[cand[:fits]] = True
+                left -= float(cum[fits - 1])
+            if fits == cand.numel():
+                break
+            open_kinds[kinds[cand[fits]]] = False  # its next level does not fit: the kind's count is final
+        for i, (kind, counts, _, _) in enumerate(levels):
+            taken = int((take & (kinds == i)).sum())
+            chosen[kind] = counts[taken - 1] if taken else 0
+    mask = torch.zeros(scores.numel(), dtype=torch.float32)
+    start = 0
+    for size, kind, order_g in zip(group_sizes, group_kinds, orders):
+        mask[start + order_g[: min(chosen[kind], size)]] = 1.0
+        start += size
+    return mask.to(device)
+
+
+def check_keeps_a_level(structure: SparseStructure, costs: torch.Tensor, sparsity: float,
+                        what: str = "SparseConfig.sparsity") -> None:
+    """Refuse a uniform-layers sparsity whose budget is smaller than the cheapest level (one unit, or the smallest
+    admissible count, in every group of a kind): the uniform top-K mask would keep nothing."""
+    total = float(costs.detach().double().sum())
+    budget = (1.0 - float(sparsity)) * total
+    smallest = structure.smallest_uniform_level(costs)
+    if budget < smallest * (1 - 1e-9):
+        raise ValueError(
+            f"{what}={sparsity} leaves a budget of {budget:.6g} of the {total:.6g} prunable cost, less than keeping "
+            f"the same smallest number of units in every layer ({smallest:.6g}; SparseConfig.uniform_layers=True): "
+            f"every unit would be dropped. Use a sparsity of at most {1.0 - smallest / total:.6g}, or "
+            "uniform_layers=False"
+        )
