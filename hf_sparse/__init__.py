@@ -22,7 +22,9 @@ from .structure import SparseStructure, UnitGroup, sample_masks, topk_mask
 __version__ = "0.2.0"
 
 # The Trainer costs seconds to import: load it only when asked for.
-_LAZY = {"SparseTrainer": ".trainer", "SparseTrainingArguments": ".training_args"}
+_LAZY = {"SparseTrainer": ".trainer", "SparseTrainingArguments": ".training_args", "SparseTrainingMixin": ".trainer",
+         "StructureArguments": ".training_args", "sparse_args_class": ".training_args",
+         "sparse_trainer_class": ".trainer_classes"}
 
 
 def __getattr__(name):
@@ -44,6 +46,8 @@ __all__ = sorted(
         "SparseStructure",
         "SparseTrainer",
         "SparseTrainingArguments",
+        "SparseTrainingMixin",
+        "StructureArguments",
         "SparsityReport",
         "UnitGroup",
         "cubic_budget",
@@ -64,6 +68,8 @@ __all__ = sorted(
         "save_sparse_pretrained",
         "score_function",
         "shrink_model",
+        "sparse_args_class",
+        "sparse_trainer_class",
         "sparsify_model",
         "sparsity_report",
         "topk_mask",

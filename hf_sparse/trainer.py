@@ -22,36 +22,32 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .backends import EnginesMixin, refuse_presharded
+from .base_counters import uncounted
 from .batches import count_items, split_batch
 from .budget import check_keeps_a_unit, project_to_budget
 from .config import SparseConfig
 from .distill import Distiller, check_teacher, distiller_from_args, frozen_copy
 from .dropped import FrozenUnits
-from .estimator import disarm_gradient, vrpge_gradient
-from .importance import TaylorImportance, scores_from_importance
-from .patching import get_sparse_config, is_sparsified, sparsify_model
+from .estimator import disarm_gradient, pool_by_group, vrpge_gradient
+from .patching import get_sparse_config, is_sparsified, sparsify_model, unsparsify_model
 from .precision import upcast_heads
 from .shared_dropout import SharedDropout, rng_state, set_rng_state
 from .structure import SparseStructure, sample_masks
 from .trainer_checkpoint import CheckpointMixin
 from .trainer_faults import NONFINITE_UPDATES_TO_STOP, FaultsMixin
-from .trainer_metrics import MetricsMixin, matmul_params
+from .trainer_importance import ImportanceMixin
+from .trainer_metrics import MetricsMixin
 from .trainer_schedule import ScheduleMixin
-from .training_args import SparseTrainingArguments
+from .training_args import SparseTrainingArguments, as_sparse_args
 
 logger = logging.get_logger(__name__)
 
 
-class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, EnginesMixin, Trainer):
-    """A [`Trainer`] that learns which neurons and heads to keep while it trains the weights.
+class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, CheckpointMixin, MetricsMixin, EnginesMixin):
+    """The structure learning of `SparseTrainer`, before any `Trainer` subclass in the bases (`sparse_trainer_class`);
+    its args: the base's config class plus the structure options (`sparse_args_class`)."""
 
-    Args:
-        model: a model already passed through `sparsify_model`, or a plain model plus `sparse_config`.
-        args: [`SparseTrainingArguments`] (plain `TrainingArguments` are converted, with the defaults).
-        sparse_config: how to sparsify a plain model (ignored with a warning if the model is sparsified).
-        teacher_model: a teacher for knowledge distillation (`distill_from="model"`, set when it is given).
-        Everything else is passed to [`Trainer`].
-    """
+    sparse_args_class: type = SparseTrainingArguments  # set per base trainer by sparse_trainer_class
 
     def __init__(
         self,
@@ -61,23 +57,40 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
         teacher_model: nn.Module | None = None,
         **kwargs: Any,
     ):
+        name = type(self).__name__
         if model is None:
-            raise ValueError("SparseTrainer needs a model (model_init is not supported: the structure lives in the model)")
-        if args is None:
-            args = SparseTrainingArguments(output_dir="trainer_output")
-        elif not isinstance(args, SparseTrainingArguments):
-            # Accept plain TrainingArguments like TRL's trainers do: same values, structure defaults.
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token
-            dict_args.pop("push_to_hub_token", None)
-            args = SparseTrainingArguments(**dict_args)
-        if is_sparsified(model):
-            if sparse_config is not None and sparse_config.to_dict() != get_sparse_config(model).to_dict():
-                warnings.warn("SparseTrainer: the model is already sparsified; its own SparseConfig is used, not sparse_config")
-        else:
+            raise ValueError(f"{name} needs a model (model_init is not supported: the structure lives in the model)")
+        if isinstance(model, str):
+            raise ValueError(
+                f"{name} needs the model loaded (e.g. AutoModelForCausalLM.from_pretrained({model!r})): its layers are "
+                "patched for structure learning before the trainer is built"
+            )
+        args = as_sparse_args(args, type(self).sparse_args_class)
+        peft_config = kwargs.pop("peft_config", None)
+        if peft_config is not None:  # TRL's way: LoRA first, then the sparse layers (the supported order)
+            if is_sparsified(model):
+                raise ValueError(f"{name}: peft_config with an already sparsified model; pass the plain model (LoRA goes "
+                                 "on first, then the sparse layers) or apply get_peft_model before sparsify_model")
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        patched_here = not is_sparsified(model)
+        if patched_here:
             sparsify_model(model, sparse_config if sparse_config is not None else SparseConfig())
+        elif sparse_config is not None and sparse_config.to_dict() != get_sparse_config(model).to_dict():
+            warnings.warn(f"{name}: the model is already sparsified; its own SparseConfig is used, not sparse_config")
+        try:
+            self._init_structure(model, args, teacher_model, kwargs)
+        except BaseException:
+            if patched_here:  # a refused trainer leaves the model as it was given
+                unsparsify_model(model)
+            raise
+
+    def _init_structure(self, model: nn.Module, args, teacher_model, kwargs: dict) -> None:
         self.sparse_config = get_sparse_config(model)
         self.structure = SparseStructure(model)
+        self._costs = self.structure.costs(self.sparse_config.budget)
+        check_keeps_a_unit(self._costs, self.sparse_config.sparsity)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and args.world_size == 1:
             raise ValueError(
@@ -91,12 +104,8 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
             args.ddp_find_unused_parameters = False  # every weight is in the graph (gathered or masked)
         super().__init__(model=model, args=args, **kwargs)
 
-        self._costs = self.structure.costs(self.sparse_config.budget)
-        check_keeps_a_unit(self._costs, self.sparse_config.sparsity)
         self._total_budget = float(self._costs.double().sum())
         self._target_budget = (1.0 - self.sparse_config.sparsity) * self._total_budget
-        self._params_per_unit = self.structure.params_per_unit()
-        self._dense_matmul_params, self._prunable_params = matmul_params(model, self.structure)
         # A model whose mask was frozen by `fix_masks` (e.g. reloaded to train on) stays on that mask.
         self._fixed_from_start = all(bool(g.fixed) for g in self.structure)
         self._initial_mask = self.structure.masks().clone()
@@ -104,14 +113,10 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
         self.structure_optimizer: torch.optim.Optimizer | None = None
         self._pending_structure_state: str | None = None
         self._reset_step_accumulators()
-        self._metrics: dict[str, list[float]] = {}
-        self._sparse_state = {"skipped_updates": 0, "flops_ratio_sum": 0.0, "steps": 0}
+        self._init_metrics(model)
         self._note_finite()  # no run of non-finite losses yet (trainer_faults)
         self._loss_scale = 1.0
-        # the informed start (importance_warmup): dense steps that accumulate each unit's Taylor importance
-        self._importance: TaylorImportance | None = None
-        if args.importance_warmup > 0 and not self._fixed_from_start:
-            self._importance = TaylorImportance(model, self.structure)
+        self._init_importance(model, args)
         # units not computed in a step keep their weights and optimizer state (attached in create_optimizer)
         self._frozen_units = FrozenUnits(model, self.structure)
         self._dropout = SharedDropout(model)
@@ -126,7 +131,8 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
         # sorts every unit (28 ms for a 7B-shaped model on one CPU thread, benchmarks/topk_cost.py)
         key = tuple((id(g.scores), g.scores._version) for g in self.structure)
         if self._topk_cache is None or self._topk_cache[0] != key:
-            self._topk_cache = (key, self.structure.topk_mask(self._costs, self._target_budget))
+            uniform = self.sparse_config.uniform_layers  # the same count of each kind in every layer
+            self._topk_cache = (key, self.structure.topk_mask(self._costs, self._target_budget, uniform=uniform))
         return self._topk_cache[1]
 
     def _computed_units(self) -> torch.Tensor:
@@ -276,9 +282,9 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
 
     def weight_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """One forward and backward on the masks as they are set now, with no structure update: the plain
-        `Trainer.training_step`. A pruning method that chooses its masks itself (see benchmarks/study) sets them
+        `training_step` of the base trainer. A pruning method that chooses its masks itself (see benchmarks/study) sets them
         with `structure.set_masks` and calls this."""
-        return Trainer.training_step(self, model, inputs, num_items_in_batch)
+        return super(SparseTrainingMixin, self).training_step(model, inputs, num_items_in_batch)
 
     def _sample_step(self, model, chunk, chunk_items, g: int, k: int, share: float, num_chunks: int):
         """One mask's forward (and backward for the first weight_grad_samples masks); records its loss."""
@@ -298,51 +304,6 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
             self._loss_scale = 1.0
         self._step_losses[g, k] += float(loss / scale)
         return loss
-
-    def _importance_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
-        """A dense step (every unit kept) whose backward also records each unit's gate derivative."""
-        step = self.state.global_step
-        if self._step_mask_step != step:
-            self.structure.set_masks(torch.ones(self.structure.num_units))
-            self._step_mask_step = step
-            self._record_flops(3.0)
-        with self._importance.track():
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
-            reduce = None
-            if self.accelerator.num_processes > 1:  # the derivatives of the whole step's batch, before squaring
-                device = self.args.device
-
-                def reduce(d):
-                    return self.accelerator.reduce(d.to(device), reduction="mean").to(d.device)
-            if self._importance.end_step(reduce):  # (the derivatives were reduced first: every rank agrees)
-                self._note_finite()
-            else:
-                self._note_nonfinite(step, "the dense warm-up's gate derivatives")
-            if not self.in_importance_warmup(step + 1):
-                self._informed_start(step + 1)
-        return loss
-
-    @torch.no_grad()
-    def _informed_start(self, step: int) -> None:
-        """Scores from the accumulated importance (identical on every rank: each step's derivatives were averaged
-        over the ranks before they were squared), projected onto the step's budget."""
-        if self._nonfinite_run or self._importance.steps == 0:
-            # non-finite up to the last warm-up step: NaN weights never recover, and the mask would be fixed from
-            # an importance that ranks nothing (one overflowing step earlier on is only left out)
-            self._raise_diverged(step, f"{self._importance.nonfinite_steps} of the "
-                                       f"{self._importance.nonfinite_steps + self._importance.steps} warm-up steps")
-        importance = self._importance.flat().to(torch.float32)
-        sizes = [g.num_units for g in self.structure] if self.args.importance_ranking == "group" else None
-        scores = scores_from_importance(importance.to(self.structure.device), self._costs, self.budget_at(step),
-                                        band=self.args.importance_band, group_sizes=sizes,
-                                        explore=self.args.importance_explore)
-        self.structure.set_scores(scores)
-        logger.info(
-            f"SparseTrainer: informed start after {self._importance.steps} dense steps: "
-            f"{float((scores >= 1).float().mean()):.1%} of units start kept, {float((scores <= 0).float().mean()):.1%} "
-            f"dropped, the rest uncertain"
-        )
 
     def _shifts_labels(self) -> bool:
         return bool(getattr(self, "_loss_shifts_labels", False))  # set by the Trainer for causal-LM losses
@@ -377,7 +338,7 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
         """The loss of a no-grad forward, normalised exactly as `Trainer.training_step` normalises it."""
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), uncounted(self):  # (not a training forward for the base's counters)
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
@@ -415,6 +376,7 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
             delta = torch.stack(
                 [estimate(losses[g], masks[g], scores, a.score_function) for g in range(masks.shape[0])]
             ).mean(0)
+            delta = pool_by_group(delta, self.structure.sizes, a.structure_pooling)
         if delta is not None:
             for g, d in zip(self.structure.groups, self.structure.split(delta)):
                 g.scores.grad = d.to(g.scores.dtype).view_as(g.scores)
@@ -422,7 +384,8 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
             self.structure_optimizer.zero_grad(set_to_none=True)
         # Projection onto the budget of the step that follows (also when the update was skipped).
         weights = self._costs if a.projection == "weighted" else None
-        projected = project_to_budget(self.structure.scores(), self._costs, self.budget_at(step + 1), weights=weights)
+        projected = project_to_budget(self.structure.scores(), self._costs, self.budget_at(step + 1), weights=weights,
+                                      margin=a.score_margin)
         if not bool(torch.isfinite(projected).all()):
             raise RuntimeError(
                 f"SparseTrainer: the structure update at step {step} made the keep probabilities non-finite "
@@ -476,3 +439,17 @@ class SparseTrainer(ScheduleMixin, FaultsMixin, CheckpointMixin, MetricsMixin, E
         self.structure.set_masks(self.topk_mask())
         self._step_mask_step = -1
         return output
+
+
+class SparseTrainer(SparseTrainingMixin, Trainer):
+    """A [`Trainer`] that learns which neurons and heads to keep while it trains the weights.
+
+    Args:
+        model: a model already passed through `sparsify_model`, or a plain model plus `sparse_config`.
+        args: [`SparseTrainingArguments`] (plain `TrainingArguments` are converted, with the defaults).
+        sparse_config: how to sparsify a plain model (ignored with a warning if the model is sparsified).
+        teacher_model: a teacher for knowledge distillation (`distill_from="model"`, set when it is given).
+        Everything else is passed to [`Trainer`].
+
+    `sparse_trainer_class(SFTTrainer)` is the same for another Trainer subclass (TRL's SFTTrainer).
+    """

@@ -31,6 +31,7 @@ from .folders import (
     write_dropped,
 )
 from .model_state import get_sparse_config, is_sparsified
+from .trainer_metrics import STRUCTURE_RUN_ATTR
 
 from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
 
@@ -157,7 +158,9 @@ class CheckpointMixin:
             if not self.args.should_save:
                 return None
             with outside_zero3():
-                return load_sparse_model(folder)
+                loaded = load_sparse_model(folder)
+            loaded.__dict__[STRUCTURE_RUN_ATTR] = self.structure_run()  # what ran, for its model card
+            return loaded
 
     def _check_gatherable(self) -> None:
         """`save_model` writes one whole model only with a full state dict: refuse, naming the setting, where it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -21,9 +22,11 @@ PAPER_SCHEDULE = {"importance_warmup": 0.0, "budget_schedule_start": 0.0, "budge
 
 
 @dataclass
-class SparseTrainingArguments(TrainingArguments):
+class StructureArguments:
     r"""
-    [`TrainingArguments`] plus the arguments of the structure search of [`SparseTrainer`].
+    The structure options of [`SparseTrainer`] (and of every `sparse_trainer_class(...)`), added to the base
+    trainer's own config class: `SparseTrainingArguments` is `TrainingArguments` plus these,
+    `sparse_args_class(SFTConfig)` is TRL's `SFTConfig` plus these. The same fields and defaults everywhere.
 
     The defaults (measured, docs/structure_tasks.md): the first half of training runs dense while each unit's
     Taylor importance is read from the ordinary backward; then the most important units filling the budget are
@@ -80,6 +83,13 @@ class SparseTrainingArguments(TrainingArguments):
         importance_ranking (`str`, defaults to `"group"`):
             `"group"`: rank units within their own group (every layer starts near the kept fraction);
             `"global"`: one ranking over the model (early layers' larger derivatives then win).
+        score_margin (`float`, defaults to `0.0`):
+            While searching, the projection keeps every keep probability in [margin, 1 - margin]: a unit at 0 or 1
+            is drawn alike in every sample, its policy-gradient term is exactly 0, and the search could never move
+            it again.
+        structure_pooling (`float`, defaults to `0.0`):
+            Mix this share of each group's (one layer's heads, or its neurons) mean structure gradient into its
+            units' gradients: the budget moves between layers and kinds on a signal averaged over the group.
         projection (`str`, defaults to `"weighted"`):
             `"euclidean"`: the exact Euclidean projection (docs/method.md §3) (units with large costs move first);
             `"weighted"`: the projection in the metric weighted by unit cost (every unit moves alike).
@@ -170,12 +180,36 @@ class SparseTrainingArguments(TrainingArguments):
     projection: str = field(
         default="weighted", metadata={"help": "Budget projection metric.", "choices": list(PROJECTIONS)}
     )
+    score_margin: float = field(
+        default=0.0,
+        metadata={"help": "While searching, keep every keep probability in [margin, 1 - margin]: a unit at 0 or 1 is "
+                          "drawn alike in every sample, its policy gradient is 0 and the search can never move it."},
+    )
+    structure_pooling: float = field(
+        default=0.0,
+        metadata={"help": "Mix this share of each group's (layer's heads / neurons) mean gradient into its units' "
+                          "structure gradients: budget moves between layers and kinds on a pooled, less noisy signal."},
+    )
     eval_mask: str = field(
         default="topk", metadata={"help": "Mask used for evaluation while searching.", "choices": list(EVAL_MASKS)}
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the base config's own checks first (TrainingArguments, SFTConfig, ...)
+            parent()
+        self.check_structure_args()
+
+    def __reduce__(self):
+        # a class made by sparse_args_class exists only once made: pickled (the Trainer saves training_args.bin),
+        # it is rebuilt from its base config class, which is importable
+        base = getattr(type(self), "_hf_sparse_base", None)
+        if base is None or _ARGS_CLASSES.get(base) is not type(self):
+            return super().__reduce__()
+        return _rebuild_args, (base, dict(self.__dict__))
+
+    def check_structure_args(self) -> None:
+        """Refuse nonsense structure options (each error names the option, the value and the fix)."""
         if not (self.structure_learning_rate > 0 and math.isfinite(self.structure_learning_rate)):
             raise ValueError(
                 f"structure_learning_rate must be finite and > 0, got {self.structure_learning_rate}; e.g. --structure_learning_rate 0.1"
@@ -205,7 +239,7 @@ class SparseTrainingArguments(TrainingArguments):
             raise ValueError(f"mask_samples must be in [2, 64] (each costs a forward pass), got {self.mask_samples}")
         if not 1 <= self.mask_groups <= 64:
             raise ValueError(f"mask_groups must be in [1, 64], got {self.mask_groups}")
-        if self.mask_groups > self.per_device_train_batch_size:
+        if self.mask_groups > getattr(self, "per_device_train_batch_size", self.mask_groups):
             raise ValueError(
                 f"mask_groups={self.mask_groups} is larger than per_device_train_batch_size="
                 f"{self.per_device_train_batch_size}: every chunk needs at least one example"
@@ -228,6 +262,10 @@ class SparseTrainingArguments(TrainingArguments):
             raise ValueError(f"importance_warmup is a fraction of training in [0, 1), got {self.importance_warmup}")
         if not 0.0 < self.importance_band <= 1.0:
             raise ValueError(f"importance_band must be in (0, 1], got {self.importance_band}")
+        if not 0.0 <= self.score_margin < 0.5:
+            raise ValueError(f"score_margin must be in [0, 0.5), got {self.score_margin}; e.g. --score_margin 0.02")
+        if not 0.0 <= self.structure_pooling <= 1.0:
+            raise ValueError(f"structure_pooling must be in [0, 1], got {self.structure_pooling}")
         if not 0.0 <= self.importance_explore < 1.0:
             raise ValueError(f"importance_explore must be in [0, 1), got {self.importance_explore}")
         if self.importance_warmup > 0 and self.budget_schedule_end > self.importance_warmup:
@@ -243,6 +281,69 @@ class SparseTrainingArguments(TrainingArguments):
                 f"importance_warmup={self.importance_warmup}: the mask would be fixed before the budget reaches the "
                 "target or before the informed start; set fix_masks_at >= both"
             )
+
+
+@dataclass
+class SparseTrainingArguments(StructureArguments, TrainingArguments):
+    __doc__ = ("[`TrainingArguments`] plus the arguments of the structure search of [`SparseTrainer`] "
+               "(`StructureArguments`)." + StructureArguments.__doc__.split("The same fields and defaults everywhere.", 1)[1])
+
+
+_ARGS_CLASSES: dict[type, type] = {TrainingArguments: SparseTrainingArguments}
+
+
+def sparse_args_class(config_class: type) -> type:
+    """`config_class` (a `TrainingArguments` subclass such as TRL's `SFTConfig`) with the structure options of
+    `StructureArguments` added: the `args` of `sparse_trainer_class(...)` for that base trainer; works with
+    `HfArgumentParser`. One class per base (cached); `sparse_args_class(TrainingArguments)` is
+    `SparseTrainingArguments`."""
+    if not (isinstance(config_class, type) and issubclass(config_class, TrainingArguments)):
+        raise TypeError(f"sparse_args_class needs a TrainingArguments subclass, got {config_class!r}")
+    if issubclass(config_class, StructureArguments):
+        return config_class
+    if config_class not in _ARGS_CLASSES:
+        clash = sorted({f.name for f in dataclasses.fields(config_class)} & {f.name for f in dataclasses.fields(StructureArguments)})
+        if clash:
+            raise ValueError(f"{config_class.__name__} already has fields {clash} of hf_sparse's structure options; "
+                             "they cannot be combined")
+        made = type(f"Sparse{config_class.__name__}", (StructureArguments, config_class), {
+            "__module__": __name__,
+            "__doc__": f"{config_class.__name__} plus hf_sparse's structure options (StructureArguments).",
+            "_hf_sparse_base": config_class,
+        })
+        _ARGS_CLASSES[config_class] = dataclass(made)
+    return _ARGS_CLASSES[config_class]
+
+
+def _rebuild_args(base: type, state: dict):
+    args = sparse_args_class(base).__new__(sparse_args_class(base))
+    args.__dict__.update(state)
+    return args
+
+
+def as_sparse_args(args, args_class: type):
+    """`args` as an instance of `args_class` (a `sparse_args_class`): None gives the defaults; arguments of another
+    class are converted with the same values, the structure options at their defaults (as TRL converts plain
+    `TrainingArguments`); arguments already carrying structure options keep them."""
+    if args is None:
+        return args_class(output_dir="trainer_output")
+    if isinstance(args, args_class):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"args must be TrainingArguments (or {args_class.__name__}), got {type(args).__name__}")
+    values = args.to_dict()
+    for key in values:
+        if key.endswith("_token"):  # to_dict hides every *_token field (hub_token; TRL's eos_token, pad_token)
+            values[key] = getattr(args, key)
+    values.pop("push_to_hub_token", None)
+    known = {f.name for f in dataclasses.fields(args_class) if f.init}
+    dropped = sorted(k for k in values if k not in known)
+    if dropped:
+        raise ValueError(
+            f"args of class {type(args).__name__} have options {dropped[:8]} that {args_class.__name__} does not know: "
+            f"pass {args_class.__name__}(...) (hf_sparse.sparse_args_class of the trainer's config class) instead"
+        )
+    return args_class(**{k: v for k, v in values.items() if k in known})
 
 
 def _choice(name, value, choices):
