@@ -1,9 +1,11 @@
 """Model cards and pushing to the Hugging Face Hub.
 
 `render_model_card` fills `templates/model_card.md` (shipped inside the package) with numbers taken from the
-model: the sparsity report per layer, the sparse config, and whatever the caller measured (training
-arguments, evaluation results, speed vs dense with the hardware). `push_sparse_to_hub` exports the model
-(plain, shrunk or still-trainable sparse), writes the card as README.md and uploads the folder.
+model: the sparsity report per layer, the sparse config, how the structure was chosen (what `SparseTrainer`
+recorded, or what the caller says: `structure_run`), and whatever the caller measured (training arguments,
+evaluation results, speed vs dense with the hardware). `push_sparse_to_hub` exports the model (plain, shrunk or
+still-trainable sparse), writes the card as README.md and uploads the folder. The card names the structure
+method that ran: `vr-pge` only where search steps updated the keep probabilities with it (`structure_method`).
 """
 
 from __future__ import annotations
@@ -44,14 +46,16 @@ _KEY_TRAINING_ARGS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "seed",
     # SparseTrainingArguments: the structure search
-    "structure_learning_rate", "estimator", "mask_samples", "score_function", "budget_schedule_start",
-    "budget_schedule_end", "fix_masks_at",
+    "structure_learning_rate", "estimator", "mask_samples", "score_function", "importance_warmup",
+    "budget_schedule_start", "budget_schedule_end", "fix_masks_at",
 )
 # Never shown: secrets and local paths.
 _HIDDEN_ARG = re.compile(r"(token|password|secret|_dir$|^output_dir$|^logging_dir$|^hub_|push_to_hub|report_to)")
-_GRANULARITY = {
-    "neuron": "MLP neurons", "head": "attention heads (key/value groups under GQA)", "weight": "single weights",
-}
+# Where SparseTrainer leaves its record on the model (= trainer_metrics.STRUCTURE_RUN_ATTR; tests/test_card_truth.py)
+STRUCTURE_RUN_ATTR = "hf_sparse_structure_run"
+_ESTIMATOR_NAMES = {"vrpge": ("VR-PGE", "vr-pge"), "disarm": ("DisARM", "disarm")}
+_GRANULARITY = {"neuron": "MLP neurons", "head": "attention heads (key/value groups under GQA)",
+                "weight": "single weights"}
 
 
 class HubOfflineError(ConnectionError):
@@ -102,16 +106,13 @@ def _training_args_rows(training_args: Any) -> list[tuple[str, str]]:
     if dataclasses.is_dataclass(training_args) and not isinstance(training_args, type):
         values = training_args.to_dict() if hasattr(training_args, "to_dict") else dataclasses.asdict(training_args)
         defaults = _default_args(training_args)
-        chosen = {
-            k: v for k, v in values.items()
-            if k in _KEY_TRAINING_ARGS or k not in defaults or _differs(v, defaults[k])
-        }
+        chosen = {k: v for k, v in values.items()
+                  if k in _KEY_TRAINING_ARGS or k not in defaults or _differs(v, defaults[k])}
     elif isinstance(training_args, Mapping):
         chosen = dict(training_args)
     else:
-        raise TypeError(
-            f"training_args must be TrainingArguments, a dataclass or a dict, got {type(training_args).__name__}"
-        )
+        raise TypeError(f"training_args must be TrainingArguments, a dataclass or a dict, got "
+                        f"{type(training_args).__name__}")
     rows = []
     for key in sorted(chosen):
         if _HIDDEN_ARG.search(key):
@@ -197,6 +198,62 @@ def _report_context(report: SparsityReport) -> dict[str, Any]:
     }
 
 
+# --- how the structure was chosen (the card's words for each kind are in the template) ------------------------
+def _schedule_plan(args: Any) -> dict[str, Any] | None:
+    """The step kinds the schedule of the training arguments plans (fractions of training), if they have one."""
+    get = args.get if isinstance(args, Mapping) else lambda k: getattr(args, k, None)
+    w, fix = get("importance_warmup"), get("fix_masks_at")
+    return None if args is None or w is None or fix is None else {
+        "importance_warmup_steps": w, "search_steps": max(fix - w, 0.0), "fixed_steps": 1.0 - fix, "planned": True,
+        "estimator": get("estimator")}
+
+
+def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None = None) -> dict[str, Any]:
+    """How the structure was chosen, for the card: its `kind` (search, taylor, given, initial, warmup_only,
+    no_steps, stated, unknown), `name`, `tags`, step-count `rows` and their `source`. `run`: what
+    `SparseTrainer.structure_run()` returns, a dict with its keys (`importance_warmup_steps`, `search_steps`,
+    `fixed_steps`, `estimator`, ...), a string naming the method, or None. Only a search tags the estimator."""
+    if run is None or isinstance(run, str):
+        tags = [t for k, t in (("vr-pge", "vr-pge"), ("vrpge", "vr-pge"), ("disarm", "disarm"),
+                               ("taylor", "taylor-importance")) if run and k in run.lower()]
+        return {"kind": "unknown" if run is None else "stated", "name": "not recorded" if run is None else _fmt(run),
+                "tags": list(dict.fromkeys(tags)), "rows": [], "source": ""}
+    if not isinstance(run, Mapping):
+        raise TypeError(f"structure_run must be a dict of step counts, a string or None, got {type(run).__name__}")
+    planned = bool(run.get("planned"))
+    warmup, search, fixed = (float(run.get(f"{k}_steps") or 0) for k in ("importance_warmup", "search", "fixed"))
+    estimator, tag = _ESTIMATOR_NAMES.get(str(run.get("estimator") or "vrpge"), (str(run.get("estimator")), None))
+    score_init = run.get("score_init", score_init)
+    kind, tags = "no_steps", []
+    if run.get("fixed_from_start"):
+        kind, name = "given", "a mask fixed before training"
+    elif search > 0:
+        kind, tags = "search", [t for t in (tag, "taylor-importance" if warmup else None) if t]
+        name = f"the {estimator} search" + (", after an informed start from the Taylor importance" if warmup else "")
+    elif warmup > 0 and fixed > 0:
+        kind, tags = "taylor", ["taylor-importance"]
+        name = "the Taylor importance read in a dense warm-up, then the top-K mask fixed without a search"
+    elif warmup > 0:
+        kind, name = "warmup_only", "none: the run ended in its dense warm-up"
+    elif fixed > 0:
+        kind, name = "initial", f"the top-K of the initial scores (score_init={score_init!r}), fixed from the start"
+        tags = ["magnitude-pruning"] if score_init == "magnitude" else []
+    else:
+        name = "none: no training step was recorded"
+    count = (lambda n: f"{100 * n:.0f}% of the steps") if planned else (lambda n: f"{int(n):,}")
+    rows = [("dense warm-up (every unit trained; Taylor importance read from the backward)", count(warmup)),
+            (f"search (masks sampled from the keep probabilities; {estimator} updates of them)", count(search)),
+            ("fixed mask (the kept units trained alone)", count(fixed))]
+    if run.get("train_flops_vs_dense") is not None and not planned:
+        rows.append(("training FLOPs against dense (matmul proxy)", f"{float(run['train_flops_vs_dense']):.2f}"))
+    source = ("planned by the training arguments (the trainer's step counts were not available)" if planned
+              else f"counted by {run['recorded_by']} during training" if run.get("recorded_by")
+              else "as stated by the caller")
+    return {"kind": kind, "name": name, "tags": tags, "rows": rows, "source": source, "estimator": estimator,
+            "updates": int(run.get("structure_updates", search) or 0), "skipped": int(run.get("skipped_updates") or 0),
+            "warmed_up": warmup > 0, "fixed": fixed > 0, "counted": not planned and bool(run.get("recorded_by"))}
+
+
 def _usage(export: str, class_name: str, repo_id: str | None) -> tuple[str, str]:
     repo = repo_id or "path/to/this/folder"
     if export == "plain":
@@ -245,6 +302,7 @@ def render_model_card(
     language: str | list[str] | None = None,
     tags: list[str] | None = None,
     report: SparsityReport | None = None,
+    structure_run: Mapping[str, Any] | str | None = None,
 ):
     """A `huggingface_hub.ModelCard` for a sparsified model (before export: the numbers come from it).
 
@@ -260,6 +318,8 @@ def render_model_card(
         repo_id: used in the usage snippet; model_name: the title (default: repo name or class name).
         dataset, license, language, tags: card metadata.
         report: a `SparsityReport` (default: `sparsity_report(model)`).
+        structure_run: how the structure was chosen (see `structure_method`). Default: what `SparseTrainer`
+            recorded on this model while training it, else the schedule of `training_args` (marked as planned).
     """
     import jinja2
     from huggingface_hub import ModelCard, ModelCardData
@@ -286,13 +346,16 @@ def render_model_card(
     export_text, usage = _usage(export, class_name, repo_id)
     is_hub_id = bool(base_model) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) is not None
     fixed = masks_fixed(model) if is_sparsified(model) else True
+    run = structure_run if structure_run is not None else getattr(model, STRUCTURE_RUN_ATTR, None)
+    run = run if run is not None else _schedule_plan(training_args)  # given, else recorded, else planned
+    method = structure_method(run, sparse_config.score_init if sparse_config else None)
     card_data = ModelCardData(
         base_model=base_model if is_hub_id else None,
         library_name="transformers",
         license=license,
         language=language,
         datasets=[dataset] if isinstance(dataset, str) else dataset,
-        tags=list(dict.fromkeys(["hf_sparse", "sparse", "pruning", "vr-pge", *(tags or [])])),
+        tags=list(dict.fromkeys(["hf_sparse", "sparse", "pruning", *method["tags"], *(tags or [])])),
         model_name=model_name,
     )
     context = {
@@ -314,6 +377,7 @@ def render_model_card(
         "eval_results": [(k, _fmt(v)) for k, v in (eval_results or {}).items()],
         "speed": speed_rows,
         "hardware": hardware,
+        "method": method,
         "citation": CITATION,
     }
     template = resources.files("hf_sparse").joinpath("templates", TEMPLATE_NAME).read_text(encoding="utf-8")
@@ -352,8 +416,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     try:
         import requests
 
-        errors.append(requests.exceptions.ConnectionError)
-        errors.append(requests.exceptions.Timeout)
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
