@@ -75,4 +75,14 @@ def disarm_gradient(
     return 0.5 * (losses[0] - losses[1]) * sign * (m1 != m2).float() * weight
 
 
+def pool_by_group(delta: torch.Tensor, sizes: list[int], share: float) -> torch.Tensor:
+    """`(1 - share) * delta + share * (the mean of delta over each unit's group)`, groups given by their sizes in
+    flat order: the pooled part is the gradient of a shift of the whole group, averaged over its units (far less
+    noisy than one unit's), so budget can move between groups before single units are told apart."""
+    if share == 0.0:
+        return delta
+    means = torch.cat([part.mean().expand(part.numel()) for part in torch.split(delta, sizes)])
+    return (1.0 - share) * delta + share * means
+
+
 _score = score_function  # keep the public name free for the keyword argument above

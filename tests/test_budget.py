@@ -214,3 +214,37 @@ def test_antithetic_pairs():
     assert not torch.equal(pairs, hs.sample_masks(s, 2, seed=11, step=6, antithetic=True))
     four = hs.sample_masks(s, 4, seed=11, step=5, antithetic=True)
     assert torch.equal(four[:2], pairs) and not torch.equal(four[2], four[0])
+
+
+def test_projection_with_a_margin_is_the_minimiser_inside_the_margin():
+    """margin m: a fine grid over {m <= s <= 1 - m, c.s <= budget} finds no closer point; nothing at 0 or 1."""
+    gen = torch.Generator().manual_seed(1)
+    m = 0.1
+    grid = torch.linspace(m, 1 - m, 801, dtype=torch.float64)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    checked = 0
+    for _ in range(20):
+        z, c, budget = _random_problem(gen, 2)
+        if float(c.sum()) * m > budget:
+            continue
+        s = hs.project_to_budget(z, c, budget, margin=m)
+        assert float(s.min()) >= m - 1e-12 and float(s.max()) <= 1 - m + 1e-12
+        assert float((c * s).sum()) <= budget * (1 + 1e-9)
+        feasible = c[0] * a + c[1] * b <= budget
+        dist = (a - z[0]) ** 2 + (b - z[1]) ** 2
+        best = float(dist[feasible].min())
+        ours = float(((s - z) ** 2).sum())
+        assert best - 2 * (1 / 800) * 3 <= ours <= best + 1e-12
+        checked += 1
+    assert checked >= 5
+    with pytest.raises(ValueError, match="margin"):
+        hs.project_to_budget(torch.ones(4), torch.ones(4), budget=0.1, margin=0.1)  # 4 x 0.1 > 0.1
+
+
+def test_pooling_mixes_each_groups_mean_into_its_units():
+    from hf_sparse.estimator import pool_by_group
+
+    delta = torch.tensor([1.0, 3.0, -2.0, 0.0, 2.0])
+    torch.testing.assert_close(pool_by_group(delta, [2, 3], 0.0), delta)
+    torch.testing.assert_close(pool_by_group(delta, [2, 3], 1.0), torch.tensor([2.0, 2.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(pool_by_group(delta, [2, 3], 0.5), torch.tensor([1.5, 2.5, -1.0, 0.0, 1.0]))

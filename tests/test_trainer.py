@@ -317,3 +317,23 @@ def test_mask_groups_weight_chunks_when_the_model_ignores_num_items(tmp_path):
     assert out.training_loss == pytest.approx(sum(losses) / 2, rel=1e-4)
     # the structure sees each chunk's mean loss
     torch.testing.assert_close(trainer._step_losses[:, 0].float(), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+
+
+def test_score_margin_keeps_every_unit_searchable(tmp_path):
+    # without a margin the search drives keep probabilities to exactly 0 or 1 (absorbing: such a unit is drawn
+    # alike in every sample and its policy gradient is 0); with one, none reaches them while searching
+    def run(margin):
+        model = tiny_llama()
+        args = make_args(tmp_path / f"m{margin}", max_steps=30, logging_steps=1, fix_masks_at=1.0,
+                         budget_schedule_end=0.3, structure_learning_rate=0.3, score_margin=margin)
+        trainer = SparseTrainer(model=model, args=args, sparse_config=SparseConfig(sparsity=0.5),
+                                train_dataset=arithmetic_sequences(64))
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "sparse/scores_at_0" in h]
+        return trainer.structure.scores(), logs
+
+    scores, logs = run(0.0)
+    assert max(h["sparse/scores_at_0"] + h["sparse/scores_at_1"] for h in logs) > 0
+    scores, logs = run(0.05)
+    assert all(h["sparse/scores_at_0"] == 0 and h["sparse/scores_at_1"] == 0 for h in logs)
+    assert float(scores.min()) >= 0.05 - 1e-6 and float(scores.max()) <= 0.95 + 1e-6
