@@ -24,7 +24,7 @@ __version__ = "0.2.0"
 # The Trainer costs seconds to import: load it only when asked for.
 _LAZY = {"SparseTrainer": ".trainer", "SparseTrainingArguments": ".training_args", "SparseTrainingMixin": ".trainer",
          "StructureArguments": ".training_args", "sparse_args_class": ".training_args",
-         "sparse_trainer_class": ".trainer_classes"}
+         "sparse_trainer_class": ".trainer_classes", "export_onnx": ".serving"}
 
 
 def __getattr__(name):
@@ -54,6 +54,7 @@ __all__ = sorted(
         "describe_hardware",
         "disarm_gradient",
         "export_model",
+        "export_onnx",
         "fix_masks",
         "get_sparse_config",
         "is_sparsified",

@@ -119,10 +119,17 @@ def _first_invalid_json_line(path: str) -> tuple[int, str, str] | None:
 class RecipeArguments:
     compare_dense: bool = field(default=False, metadata={"help": "Also train the dense model with the same steps and compare."})
     export: str = field(default="plain", metadata={"help": "plain (loads anywhere), shrink (smaller, faster) or sparse (trainable)."})
+    onnx: bool = field(default=False, metadata={
+        "help": "Also write the shrunk model as ONNX (<output_dir>/onnx/model.onnx; the dense one to dense/onnx with "
+                "--compare_dense), checked against PyTorch and timed with ONNX Runtime beside it "
+                "(pip install 'hf-sparse[onnx]')."})
+    latency_repeats: int = field(default=7, metadata={"help": "Repeats of the serving latency measurement (median)."})
 
     def __post_init__(self):
         if self.export not in EXPORTS:
             raise ValueError(f"--export must be one of {EXPORTS}, got {self.export!r}")
+        if self.latency_repeats < 1:
+            raise ValueError(f"--latency_repeats must be >= 1, got {self.latency_repeats}")
 
 
 @dataclass
@@ -177,15 +184,25 @@ def gather_sparse_run(trainer, results: dict):
 def finish_run(
     model, tokenizer, training_args, recipe: RecipeArguments, results: dict, metric_key: str,
     card_kwargs: dict[str, Any], speed_setting: str, push: bool, extra_rows: Callable[[dict], list[str]] | None = None,
+    *, serving_batches: dict[str, dict[str, torch.Tensor]] | None = None, dense_dir: str | None = None,
 ) -> dict:
     """Fix the mask of `model` (from `gather_sparse_run`), export `model/` (with tokenizer and model card), write
-    results.json, print the table and push when asked. Only the main process writes."""
+    results.json, print the table and push when asked. Only the main process writes.
+
+    With `serving_batches` (name -> a tokenized batch of the task, `serving_batches()`) or `--onnx`, the shrunk
+    model is exported too (`model/` itself with `--export shrink`, else `shrunk/`); with `serving_batches` its
+    parameters, weights on disk and CPU latency on each batch are measured beside the dense model saved in
+    `dense_dir` (`save_dense_model`, from `--compare_dense`), into results["serving"] and a second table."""
     if model is None or not training_args.should_save:
         return results
     fix_masks(model)
     out_dir = os.path.join(training_args.output_dir, "model")
     export_model(model, out_dir, export=recipe.export, overwrite=True)
     tokenizer.save_pretrained(out_dir)
+    if serving_batches is not None or recipe.onnx:
+        serving = serve_exports(model, tokenizer, training_args.output_dir, recipe, out_dir, serving_batches, dense_dir)
+        if serving is not None:
+            results["serving"] = serving
     if "dense" in results:
         card_kwargs["speed"] = {"setting": speed_setting, "dense_ms": 1e3 * results["dense"]["step_seconds"],
                                 "sparse_ms": 1e3 * results["sparse"]["step_seconds"]}
@@ -194,8 +211,11 @@ def finish_run(
     with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print_table(results, metric_key, extra_rows(results) if extra_rows else [])
-    print(f"\nwrote {out_dir} (export={recipe.export}, card README.md) and "
-          f"{os.path.join(training_args.output_dir, 'results.json')}")
+    if results.get("serving", {}).get("models"):
+        print_serving_table(results, metric_key)
+    served = [p for p in results.get("serving", {}).get("exports", {}).values() if p != os.path.abspath(out_dir)]
+    print(f"\nwrote {out_dir} (export={recipe.export}, card README.md), "
+          + "".join(f"{p}, " for p in served) + os.path.join(training_args.output_dir, "results.json"))
     if push:
         repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
         push_sparse_to_hub(model, repo_id, export=recipe.export, token=training_args.hub_token,
@@ -217,3 +237,106 @@ def print_table(results: dict, metric: str, extra_rows: list[str] = ()) -> None:
               f"{r['step_seconds']:.3f} | {speed} | {flops_text} |")
     for row in extra_rows:
         print(row)
+
+
+# --- serving: the shrunk export beside the dense model (parameters, bytes on disk, CPU latency) ---------------
+SERVING_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def serving_batches(dataset, tokenizer, sizes: tuple[int, ...] = (1, 32)) -> dict[str, dict[str, torch.Tensor]]:
+    """The first `size` examples of `dataset` (the evaluation split: the task's own sequences), padded as the
+    evaluation pads them, per size: {"batch_1": {...}, "batch_32": {...}} (a size larger than the split is cut
+    to it and named by the size it got)."""
+    from transformers import DataCollatorWithPadding
+
+    collator = DataCollatorWithPadding(tokenizer)
+    columns = [c for c in SERVING_COLUMNS if c in dataset.column_names]
+    out = {}
+    for size in sizes:
+        n = min(int(size), len(dataset))
+        if n < 1:
+            raise ValueError("serving_batches: the evaluation split is empty")
+        rows = dataset.select(range(n))
+        batch = collator([{c: rows[i][c] for c in columns} for i in range(n)])
+        out[f"batch_{n}"] = {c: batch[c] for c in columns if c in batch}
+    return out
+
+
+def save_dense_model(trainer, output_dir: str) -> str:
+    """Save the `--compare_dense` model to `<output_dir>/dense/model` (every rank calls it: the Trainer gathers
+    sharded weights) for the serving comparison. Returns the folder."""
+    folder = os.path.join(output_dir, "dense", "model")
+    trainer.save_model(folder)
+    return folder
+
+
+def serve_exports(model, tokenizer, output_dir: str, recipe: RecipeArguments, out_dir: str,
+                  batches: dict[str, dict[str, torch.Tensor]] | None, dense_dir: str | None) -> dict | None:
+    """The shrunk export (and with `--onnx` the ONNX graphs), then `hf_sparse.serving.compare_serving` on
+    `batches`: the results' "serving" entry (None when nothing was measured)."""
+    import logging
+
+    from .model_state import get_sparse_config
+    from .serving import compare_serving, export_onnx, onnx_session, run_onnx
+
+    log = logging.getLogger("hf_sparse.recipes")
+    if get_sparse_config(model).uses_weights:
+        log.info("serving: element-wise (granularity='weight') sparsity cannot be shrunk; no shrunk export measured")
+        return None
+    shrunk_dir = out_dir if recipe.export == "shrink" else os.path.join(output_dir, "shrunk")
+    if shrunk_dir != out_dir:
+        export_model(model, shrunk_dir, export="shrink", overwrite=True)
+        tokenizer.save_pretrained(shrunk_dir)
+    folders = ({"dense": dense_dir} if dense_dir else {}) | {"shrunk": shrunk_dir}
+    onnx_dirs = {}
+    if recipe.onnx:
+        if dense_dir:
+            onnx_dirs["dense_onnx"] = export_onnx(dense_dir, os.path.join(output_dir, "dense", "onnx"), overwrite=True)
+        onnx_dirs["shrunk_onnx"] = export_onnx(shrunk_dir, os.path.join(output_dir, "onnx"), overwrite=True)
+    exports = {name: os.path.abspath(folder) for name, folder in {**folders, **onnx_dirs}.items()}
+    if not batches:
+        return {"models": {}, "exports": exports}
+    serving = compare_serving(folders, batches, onnx=onnx_dirs, reference="dense" if dense_dir else None,
+                              repeats=recipe.latency_repeats)
+    serving["exports"] = exports
+    if onnx_dirs:  # ONNX Runtime against PyTorch on the task's own largest batch
+        from .export import load_sparse_model
+
+        name, batch = max(batches.items(), key=lambda kv: kv[1]["input_ids"].shape[0])
+        for key, folder in onnx_dirs.items():
+            source = serving["models"][key.removesuffix("_onnx")]["path"]
+            with torch.inference_mode():
+                expected = load_sparse_model(source)(**batch).logits.numpy()
+            got = run_onnx(onnx_session(folder), batch)
+            serving["models"][key]["max_abs_diff_vs_pytorch"] = {name: float(abs(got - expected).max())}
+    return serving
+
+
+SERVING_LABELS = {"dense": "dense", "shrunk": "hf_sparse shrunk", "dense_onnx": "dense, ONNX Runtime",
+                  "shrunk_onnx": "hf_sparse shrunk, ONNX Runtime"}
+
+
+def print_serving_table(results: dict, metric: str) -> None:
+    """Beside accuracy: parameters, weights on disk and median CPU latency per batch of every model served."""
+    serving = results["serving"]
+    batches = serving["batches"]
+    heads = [f"{b['batch_size']} x {b['seq_len']} (ms)" for b in batches.values()]
+    speed_heads = [f"speed-up {b['batch_size']} x {b['seq_len']}" for b in batches.values()]
+    if not serving["reference"]:
+        speed_heads = []
+    threads = serving["threads"]
+    print(f"\nserving on the CPU ({threads} thread{'s' if threads != 1 else ''}; batches of the evaluation split; "
+          f"median of {serving['repeats']} forward passes, models timed in turn"
+          + ("; speed-up: the dense PyTorch model's latency over the row's)" if speed_heads else ")"))
+    print(f"| model | {metric} | params | weights on disk (MB) | " + " | ".join(heads + speed_heads) + " |")
+    print("|---|" + "---:|" * (3 + len(heads) + len(speed_heads)))
+    for key, entry in serving["models"].items():
+        # the metric was evaluated in PyTorch: the ONNX rows leave it blank (their outputs' difference is recorded)
+        run = {} if key.endswith("_onnx") else results.get("dense" if key.startswith("dense") else "sparse", {})
+        value = f"{run[metric]:.4f}" if metric in run else ""
+        params = f"{entry['params']:,}" if entry["params"] is not None else "(same tensors)"
+        cells = [f"{entry['latency_ms'][b]:.1f}" for b in batches]
+        if speed_heads:
+            cells += [f"{entry['speedup'][b]:.2f}x" if "speedup" in entry else "" for b in batches]
+        print(f"| {SERVING_LABELS.get(key, key)} | {value} | {params} | {entry['file_bytes'] / 1e6:.1f} | "
+              + " | ".join(cells) + " |")
