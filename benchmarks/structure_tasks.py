@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -216,7 +217,10 @@ def build_trainer(method: str, model, common: dict, kw: dict, sparsity: float, s
         if method == "magnitude":
             return magnitude(model=model, args=args, mask_every=1, **kw)
         return movement(model=model, args=args, score_lr=1e-2, **kw)
-    config = hs.SparseConfig(sparsity=sparsity)
+    # --sparse_args may hold SparseConfig fields too (e.g. uniform_layers): they go to the config
+    config_fields = {f.name for f in dataclasses.fields(hs.SparseConfig)}
+    config = hs.SparseConfig(sparsity=sparsity, **{k: v for k, v in sparse_args.items() if k in config_fields})
+    sparse_args = {k: v for k, v in sparse_args.items() if k not in config_fields}
     if method == "hf_sparse":
         args = hs.SparseTrainingArguments(**common, **sparse_args)
     elif method == "paper_schedule":
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--sparse_args", default=None, help="JSON of extra SparseTrainingArguments for the hf_sparse method "
+    p.add_argument("--sparse_args", default=None, help="JSON of extra SparseTrainingArguments (or SparseConfig fields) for the hf_sparse method "
                    "(a variant: give it a --tag, which names its cached runs and its table rows)")
     p.add_argument("--tag", default=None, help="name of the --sparse_args variant, e.g. warmup04")
     p.add_argument("--threads", type=int, default=2)

@@ -233,7 +233,10 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
             self._frozen_units.keep = torch.zeros(self.structure.num_units, device=self.structure.device)
             self._step_mask_step = step
             shares = [[self._forward_share(m) for m in group] for group in self._step_masks]
-            self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
+            if a.search_weights == "topk":  # every sample forward only; the weights step on the top-K mask
+                self._record_flops(sum(sum(s) for s in shares) / groups + 3.0 * self._forward_share(self.topk_mask()))
+            else:
+                self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
             self._record_teacher_flops()
 
         chunks = split_batch(inputs, groups)  # fewer chunks than groups when the batch is smaller
@@ -257,15 +260,18 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
             else:
                 shares = [c / max(sum(counts), 1e-12) for c in counts]
             chunk_items = None
+        topk = self.topk_mask() if a.search_weights == "topk" else None
+        self._backprop_samples = 0 if topk is not None else a.weight_grad_samples
         for g in range(len(chunks)):
             self._step_groups_used[g] = True
-            computed = self._step_masks[g, : a.weight_grad_samples].amax(0).to(self._frozen_units.keep.device)
-            self._frozen_units.keep = torch.maximum(self._frozen_units.keep, computed)
+            computed = topk if topk is not None else self._step_masks[g, : a.weight_grad_samples].amax(0)
+            self._frozen_units.keep = torch.maximum(self._frozen_units.keep, computed.to(self._frozen_units.keep.device))
         total = 0.0
         device = self.args.device
         # no-grad forwards first, then the backpropagated ones: every loss of this structure update is taken on
         # the same weights even where backward steps the optimizer (DeepSpeed)
-        order = list(range(a.weight_grad_samples, samples)) + list(range(a.weight_grad_samples))
+        nb = self._backprop_samples
+        order = list(range(nb, samples)) + list(range(nb)) + ([-1] if topk is not None else [])
         for g, chunk in enumerate(chunks):
             share = shares[g]
             base_seed = int(torch.randint(0, 2**62, (1,)))  # this chunk's dropout, from the global stream
@@ -273,7 +279,7 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
             with self._dropout.active(base_seed):
                 for k in order:
                     set_rng_state(rng, device)  # common random numbers: every mask's forward starts alike
-                    self.structure.set_masks(self._step_masks[g, k])
+                    self.structure.set_masks(topk if k < 0 else self._step_masks[g, k])
                     total = total + self._sample_step(model, chunk, chunk_items, g, k, share, len(chunks))
             set_rng_state(rng, device)
         if self.accelerator.sync_gradients:
@@ -287,14 +293,14 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
         return super(SparseTrainingMixin, self).training_step(model, inputs, num_items_in_batch)
 
     def _sample_step(self, model, chunk, chunk_items, g: int, k: int, share: float, num_chunks: int):
-        """One mask's forward (and backward for the first weight_grad_samples masks); records its loss."""
-        a = self.args
-        if k >= a.weight_grad_samples:
+        """One mask's forward (and backward for the first weight_grad_samples masks, or for k = -1: the top-K mask
+        of search_weights="topk", whose loss is no sample's); records a sample's loss."""
+        if k >= self._backprop_samples:
             with torch.no_grad():
                 self._step_losses[g, k] += float(self._forward_loss(model, chunk, chunk_items))
             return 0.0
-        # the weight gradient is the mean over the backpropagated samples, summed over the chunks
-        scale = share / a.weight_grad_samples
+        # the weight gradient is the mean over the backpropagated masks, summed over the chunks
+        scale = share / max(self._backprop_samples, 1)
         self._loss_scale = scale
         sync = contextlib.nullcontext() if g == num_chunks - 1 else self.accelerator.no_sync(model)
         try:
@@ -302,7 +308,8 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
                 loss = super().training_step(model, chunk, chunk_items).detach().float()
         finally:
             self._loss_scale = 1.0
-        self._step_losses[g, k] += float(loss / scale)
+        if k >= 0:
+            self._step_losses[g, k] += float(loss / scale)
         return loss
 
     def _shifts_labels(self) -> bool:

@@ -13,6 +13,7 @@ from .estimator import SCORE_FUNCTIONS
 ESTIMATORS = ("vrpge", "disarm")
 EVAL_MASKS = ("topk", "sample", "dense")
 PROJECTIONS = ("weighted", "euclidean")
+SEARCH_WEIGHTS = ("sample", "topk")
 DISTILL_FROM = ("none", "warmup", "model")
 
 # The paper's schedule (the search from a dense start, then a fixed phase): what the defaults were before the
@@ -87,6 +88,10 @@ class StructureArguments:
             While searching, the projection keeps every keep probability in [margin, 1 - margin]: a unit at 0 or 1
             is drawn alike in every sample, its policy-gradient term is exactly 0, and the search could never move
             it again.
+        search_weights (`str`, defaults to `"sample"`):
+            What the weights train on while searching: `"sample"` backpropagates the first sampled mask(s) (the
+            paper's way: each weight step trains a random subnetwork); `"topk"` runs every sampled mask forward
+            only and backpropagates the current top-K mask (the structure the run would keep), one more forward.
         structure_pooling (`float`, defaults to `0.0`):
             Mix this share of each group's (one layer's heads, or its neurons) mean structure gradient into its
             units' gradients: the budget moves between layers and kinds on a signal averaged over the group.
@@ -185,6 +190,12 @@ class StructureArguments:
         metadata={"help": "While searching, keep every keep probability in [margin, 1 - margin]: a unit at 0 or 1 is "
                           "drawn alike in every sample, its policy gradient is 0 and the search can never move it."},
     )
+    search_weights: str = field(
+        default="sample",
+        metadata={"help": "What the weights train on while searching: 'sample' (the first sampled mask, the paper's "
+                          "way) or 'topk' (the current top-K mask; every sampled mask runs forward only).",
+                  "choices": list(SEARCH_WEIGHTS)},
+    )
     structure_pooling: float = field(
         default=0.0,
         metadata={"help": "Mix this share of each group's (layer's heads / neurons) mean gradient into its units' "
@@ -220,6 +231,7 @@ class StructureArguments:
         _choice("estimator", self.estimator, ESTIMATORS)
         _choice("score_function", self.score_function, SCORE_FUNCTIONS)
         _choice("projection", self.projection, PROJECTIONS)
+        _choice("search_weights", self.search_weights, SEARCH_WEIGHTS)
         _choice("eval_mask", self.eval_mask, EVAL_MASKS)
         _choice("importance_ranking", self.importance_ranking, ("group", "global"))
         _choice("distill_from", self.distill_from, DISTILL_FROM)

@@ -164,3 +164,18 @@ def assert_grads_close(params_a: dict, params_b: dict, rtol: float = 1e-5, atol_
         tol = rtol * pb.grad.abs().max().item() + atol_scale * scale
         err = (pa.grad - pb.grad).abs().max().item()
         assert err <= tol, f"{k}: max |grad_gather - grad_mask| = {err:.3g} > {tol:.3g}"
+
+
+def edge_masks(structure, seed: int = 0, keep: float = 0.5) -> torch.Tensor:
+    """Groups in module order are [heads 0, neurons 0, heads 1, neurons 1, ...]: no head of layer 0 kept, no
+    neuron of layer 1, each unit of the others kept with probability `keep` (at least one kept and one dropped),
+    so the layers end with different sizes and both kinds of empty block occur."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for name, n in zip(structure.names, structure.sizes):
+        m = (torch.rand(n, generator=gen) < keep).float()
+        m[0], m[-1] = 1.0, 0.0
+        if (".0." in name and name.endswith("sparse_heads")) or (".1." in name and name.endswith("sparse_neurons")):
+            m.zero_()
+        parts.append(m)
+    return torch.cat(parts)

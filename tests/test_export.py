@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CORE_ARCHS, tiny_inputs, tiny_model
+from conftest import CORE_ARCHS, edge_masks, tiny_inputs, tiny_model
 
 import hf_sparse as hs
 from hf_sparse.export import SHAPES_KEY, NoHeadsAttention, ZeroInputConv1D
@@ -25,27 +25,13 @@ from hf_sparse.structure import UnitGroup, sample_masks, topk_mask
 ATOL = 1e-5
 
 
-def _edge_masks(structure: hs.SparseStructure, seed: int = 0) -> torch.Tensor:
-    """Groups in module order are [heads 0, neurons 0, heads 1, neurons 1]: no head of layer 0 kept, no
-    neuron of layer 1, about half of the others (at least one kept and one dropped)."""
-    gen = torch.Generator().manual_seed(seed)
-    parts = []
-    for name, n in zip(structure.names, structure.sizes):
-        m = (torch.rand(n, generator=gen) < 0.5).float()
-        m[0], m[-1] = 1.0, 0.0
-        if (".0." in name and name.endswith("sparse_heads")) or (".1." in name and name.endswith("sparse_neurons")):
-            m.zero_()
-        parts.append(m)
-    return torch.cat(parts)
-
-
 def _sparse(arch: str, seed: int = 0, **config) -> torch.nn.Module:
     model = tiny_model(arch, seed=seed)
     hs.sparsify_model(model, hs.SparseConfig(**{"sparsity": 0.5, **config}))
     structure = hs.SparseStructure(model)
     structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(seed + 1)))
     hs.fix_masks(model)
-    structure.set_masks(_edge_masks(structure, seed))
+    structure.set_masks(edge_masks(structure, seed))
     return model
 
 

@@ -13,7 +13,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import edge_masks, tiny_model
 
 import hf_sparse as hs
 from hf_sparse import serving
@@ -25,27 +25,13 @@ ATOL = 1e-4
 CASES = [("llama", "lm"), ("bert", "classification")]
 
 
-def _uneven_masks(structure: hs.SparseStructure, seed: int = 0) -> torch.Tensor:
-    """No head of layer 0 and no neuron of layer 1 kept; the other groups keep a random part (at least one unit
-    kept and one dropped), so no two layers have the same sizes."""
-    gen = torch.Generator().manual_seed(seed)
-    parts = []
-    for name, n in zip(structure.names, structure.sizes):
-        m = (torch.rand(n, generator=gen) < 0.6).float()
-        m[0], m[-1] = 1.0, 0.0
-        if (".0." in name and name.endswith("sparse_heads")) or (".1." in name and name.endswith("sparse_neurons")):
-            m.zero_()
-        parts.append(m)
-    return torch.cat(parts)
-
-
 def _sparse(arch: str, head: str) -> torch.nn.Module:
     model = tiny_model(arch, head=head)
     hs.sparsify_model(model, hs.SparseConfig(sparsity=0.5))
     structure = hs.SparseStructure(model)
     structure.set_scores(torch.rand(structure.num_units, generator=torch.Generator().manual_seed(1)))
     hs.fix_masks(model)
-    structure.set_masks(_uneven_masks(structure))
+    structure.set_masks(edge_masks(structure, keep=0.6))
     return model
 
 

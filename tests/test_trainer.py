@@ -337,3 +337,39 @@ def test_score_margin_keeps_every_unit_searchable(tmp_path):
     scores, logs = run(0.05)
     assert all(h["sparse/scores_at_0"] == 0 and h["sparse/scores_at_1"] == 0 for h in logs)
     assert float(scores.min()) >= 0.05 - 1e-6 and float(scores.max()) <= 0.95 + 1e-6
+
+
+def test_search_weights_topk_trains_the_topk_mask_and_samples_forward_only(tmp_path):
+    # search_weights="topk": the weight step of a search step is the current top-K mask's forward and backward;
+    # both sampled masks run forward only and feed the estimator
+    model = tiny_llama()
+    args = make_args(tmp_path, max_steps=8, search_weights="topk", budget_schedule_end=0.25, fix_masks_at=0.75)
+    trainer = SparseTrainer(model=model, args=args, sparse_config=SparseConfig(sparsity=0.5, score_init="magnitude"),
+                            train_dataset=arithmetic_sequences(64))
+    seen = []
+
+    class Check(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.topk = trainer.topk_mask().clone()  # before this step's structure update moves the scores
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if not trainer.is_fixed():
+                seen.append((trainer._computed_units().clone(), self.topk,
+                             trainer._step_losses.clone(), trainer._step_masks.clone()))
+
+    backwards = []
+    original_backward = trainer.accelerator.backward
+
+    def counting_backward(loss, **kw):
+        backwards.append(trainer.state.global_step)
+        return original_backward(loss, **kw)
+
+    trainer.accelerator.backward = counting_backward
+    trainer.add_callback(Check())
+    trainer.train()
+    assert len(seen) == 6
+    assert backwards == list(range(8))  # one backward a step: the top-K mask's (the samples ran forward only)
+    for computed, topk, losses, masks in seen:
+        assert torch.equal(computed.cpu(), topk.cpu())  # the weights step on the top-K mask only
+        assert bool((losses[0] > 0).all()) and not torch.equal(masks[0, 0], topk)  # both samples were scored
+    assert int(trainer.structure_optimizer.state[trainer.structure.groups[0].scores]["step"]) == 6
