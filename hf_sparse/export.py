@@ -37,6 +37,7 @@ from .folders import (
     check_target,
     load_config,
     read_weights,
+    weights_paths,
     resolve_class,
     restore_from_folder,
     save_config_files,
@@ -200,16 +201,10 @@ def _saved_shapes(directory: str) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the safetensors headers of a folder (no tensor is read); {} if there are none."""
     from safetensors import safe_open
 
-    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
     try:
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = [WEIGHTS_NAME]
         shapes = {}
-        for name in files:
-            with safe_open(os.path.join(directory, name), framework="pt") as f:
+        for path in weights_paths(directory):
+            with safe_open(path, framework="pt") as f:
                 shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         return shapes
     except Exception:  # noqa: BLE001 - unreadable weights: the loader's own error says so

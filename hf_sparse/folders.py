@@ -61,24 +61,26 @@ def write_safetensors(model: nn.Module, path: str, metadata: dict[str, str],
     return aliases
 
 
+def weights_paths(directory: str) -> list[str]:
+    """The safetensors file(s) of a saved folder: model.safetensors, or the shards its index names; clear errors."""
+    single = os.path.join(directory, WEIGHTS_NAME)
+    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                return sorted({os.path.join(directory, v) for v in json.load(f)["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index} is corrupt ({e})") from e
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}: the weights file is missing")
+
+
 def read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a folder's safetensors file(s) and the first file's metadata; clear errors."""
     from safetensors import SafetensorError, safe_open
 
-    single = os.path.join(directory, WEIGHTS_NAME)
-    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted({os.path.join(directory, v) for v in json.load(f)["weight_map"].values()})
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index} is corrupt ({e})") from e
-    else:
-        raise FileNotFoundError(
-            f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in {directory}: the weights file is missing"
-        )
+    files = weights_paths(directory)
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, str] = {}
     for path in files:
@@ -407,11 +409,10 @@ def saved_dropped_units(folder: str) -> int:
     """How many units the masks saved in `folder`'s weights drop (read from the mask entries only)."""
     from safetensors import safe_open
 
-    files = [os.path.join(folder, WEIGHTS_NAME)]
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
-    if not os.path.isfile(files[0]) and os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+    try:
+        files = weights_paths(folder)
+    except FileNotFoundError:
+        return 0  # an engine's own files (FSDP shards, DeepSpeed): the Trainer loads those itself
     dropped = 0
     for path in files:
         if not os.path.isfile(path):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .export import EXPORTS, export_model, masks_fixed
+from .model_state import STRUCTURE_RUN_ATTR
 from .patching import get_sparse_config, is_sparsified
 from .report import SparsityReport, sparsity_report
 
@@ -51,8 +52,6 @@ _KEY_TRAINING_ARGS = (
 )
 # Never shown: secrets and local paths.
 _HIDDEN_ARG = re.compile(r"(token|password|secret|_dir$|^output_dir$|^logging_dir$|^hub_|push_to_hub|report_to)")
-# Where SparseTrainer leaves its record on the model (= trainer_metrics.STRUCTURE_RUN_ATTR; tests/test_card_truth.py)
-STRUCTURE_RUN_ATTR = "hf_sparse_structure_run"
 _ESTIMATOR_NAMES = {"vrpge": ("VR-PGE", "vr-pge"), "disarm": ("DisARM", "disarm")}
 _GRANULARITY = {"neuron": "MLP neurons", "head": "attention heads (key/value groups under GQA)",
                 "weight": "single weights"}

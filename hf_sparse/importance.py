@@ -95,7 +95,8 @@ class TaylorImportance:
                                                                 device=g.mask.device)) for g in self.structure])
             reduced = reduce(flat)
             self._step = {id(g): d for g, d in zip(self.structure, torch.split(reduced, self.structure.sizes))}
-        finite = all(bool(torch.isfinite(d).all()) for d in self._step.values())
+        # one host sync for all groups: a sum holding a NaN or an inf is not finite
+        finite = not self._step or bool(torch.isfinite(torch.stack([d.sum() for d in self._step.values()])).all())
         if finite:
             for key, d in self._step.items():
                 self.sums[key] += d**2

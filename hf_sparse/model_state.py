@@ -12,6 +12,8 @@ from .config import SparseConfig
 from .structure import UnitGroup
 
 CONFIG_ATTR = "hf_sparse_config"
+# where SparseTrainer leaves what structure method ran (`structure_run()`), for the model card
+STRUCTURE_RUN_ATTR = "hf_sparse_structure_run"
 
 
 def is_sparsified(model: nn.Module) -> bool:

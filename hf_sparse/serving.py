@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .folders import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_folder
+from .folders import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_folder, weights_paths
 from .model_state import contains_lora, get_sparse_config, is_sparsified
 
 logger = logging.getLogger(__name__)
@@ -337,16 +337,14 @@ def weights_files(folder: str | os.PathLike) -> list[str]:
     """The weights files (absolute paths) of a saved model folder: model.safetensors, or the shards its index
     names; or model.onnx with its external data, for an ONNX folder."""
     folder = os.path.abspath(os.fspath(folder))
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    for name in (WEIGHTS_NAME, ONNX_NAME):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            data = path + ".data"  # the dynamo exporter's external weights (models over ~1.5 GB)
-            return [path] + ([data] if os.path.isfile(data) else [])
-    raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {ONNX_NAME}")
+    path = os.path.join(folder, ONNX_NAME)
+    if os.path.isfile(path):
+        data = path + ".data"  # the dynamo exporter's external weights (models over ~1.5 GB)
+        return [path] + ([data] if os.path.isfile(data) else [])
+    try:
+        return weights_paths(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {ONNX_NAME}") from None
 
 
 def interleaved_latency(runs: Mapping[str, Callable[[], Any]], repeats: int = 7, warmup: int = 1) -> dict[str, dict]:

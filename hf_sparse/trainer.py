@@ -213,7 +213,7 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
                 if not self.is_deepspeed_enabled and (settled is None or not torch.equal(settled, mask)):
                     self._frozen_units.settle(mask)  # (ZeRO-3's parameters are empty placeholders between steps)
                 self._step_mask_step = step
-                self._record_flops(self._forward_share(self.structure.masks()) * 3.0)
+                self._record_flops(self._forward_share(self.structure.masks()) * 3.0, kind="fixed")
             return super().training_step(model, inputs, num_items_in_batch)
         if self.in_importance_warmup(step):
             self._frozen_units.keep = None
@@ -234,9 +234,10 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
             self._step_mask_step = step
             shares = [[self._forward_share(m) for m in group] for group in self._step_masks]
             if a.search_weights == "topk":  # every sample forward only; the weights step on the top-K mask
-                self._record_flops(sum(sum(s) for s in shares) / groups + 3.0 * self._forward_share(self.topk_mask()))
+                cost = sum(sum(s) for s in shares) / groups + 3.0 * self._forward_share(self.topk_mask())
             else:
-                self._record_flops(sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups)
+                cost = sum(sum(s) + 2.0 * sum(s[: a.weight_grad_samples]) for s in shares) / groups
+            self._record_flops(cost, kind="search")
             self._record_teacher_flops()
 
         chunks = split_batch(inputs, groups)  # fewer chunks than groups when the batch is smaller
@@ -442,6 +443,7 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
             # the dropped units' weights, set aside while the mask was fixed, back in the model
             self._frozen_units.unsettle()
         self._warn_if_unfixed()
+        self._publish_structure_run()
         # Leave the model with the deterministic mask: what evaluation saw and what export will keep.
         self.structure.set_masks(self.topk_mask())
         self._step_mask_step = -1

@@ -30,8 +30,7 @@ from .folders import (
     saved_dropped_units,
     write_dropped,
 )
-from .model_state import get_sparse_config, is_sparsified
-from .trainer_metrics import STRUCTURE_RUN_ATTR
+from .model_state import STRUCTURE_RUN_ATTR, get_sparse_config, is_sparsified
 
 from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
 
@@ -196,6 +195,7 @@ class CheckpointMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         masks = self.structure.masks().clone()
+        self._publish_structure_run()  # the card of a checkpoint says what ran up to it
         learned = self._structure_learned() and not self.in_importance_warmup()
         self.structure.set_masks(self.topk_mask() if learned else torch.ones(self.structure.num_units))
         try:

@@ -28,7 +28,7 @@ class ImportanceMixin:
         if self._step_mask_step != step:
             self.structure.set_masks(torch.ones(self.structure.num_units))
             self._step_mask_step = step
-            self._record_flops(3.0)
+            self._record_flops(3.0, kind="importance_warmup")
         with self._importance.track():
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .layers import SparseLinear, is_supported_linear
+from .model_state import STRUCTURE_RUN_ATTR
 from .structure import SparseStructure
 
 
@@ -27,9 +28,6 @@ def matmul_params(model: nn.Module, structure: SparseStructure) -> tuple[float, 
     return max(total, prunable), prunable
 
 
-# The attribute of the (unwrapped) model where the trainer leaves `structure_run()`, for the model card
-# (hf_sparse.hub reads the same name: tests/test_card_truth.py checks that they agree).
-STRUCTURE_RUN_ATTR = "hf_sparse_structure_run"
 # The kinds of step, in the order a run goes through them, and their counters in `_sparse_state`.
 STEP_KINDS = ("importance_warmup", "search", "fixed")
 
@@ -69,7 +67,6 @@ class MetricsMixin:
         self._sparse_state["steps"] += 1
         self._sparse_state[f"{kind}_steps"] = self._sparse_state.get(f"{kind}_steps", 0) + 1
         self._add_metric("sparse/sparsity", self._computed_sparsity(kind))
-        self._publish_structure_run()
 
     def _step_kind(self, step: int | None = None) -> str:
         if self.is_fixed(step):
@@ -112,7 +109,8 @@ class MetricsMixin:
 
     def _publish_structure_run(self) -> None:
         """Leave `structure_run()` on the model (attribute `STRUCTURE_RUN_ATTR`), where `render_model_card` and
-        `push_sparse_to_hub` find it without being told."""
+        `push_sparse_to_hub` find it without being told: at each log, each save and the end of `train()` (not per
+        step)."""
         model = getattr(self, "model", None)
         if model is None:
             return

@@ -39,12 +39,6 @@ def _method_section(text: str) -> str:
     return text.split("## How the structure was chosen", 1)[1].split("## Citation", 1)[0]
 
 
-def test_the_record_names_the_same_attribute_in_the_trainer_and_the_card():
-    from hf_sparse import hub, trainer_metrics
-
-    assert hub.STRUCTURE_RUN_ATTR == trainer_metrics.STRUCTURE_RUN_ATTR
-
-
 def test_a_default_run_card_says_taylor_and_claims_no_vrpge(tmp_path):
     trainer, model = _train(tmp_path)  # SparseTrainingArguments' defaults: dense half, then the informed mask fixed
     run = trainer.structure_run()
@@ -155,3 +149,10 @@ def test_warmup_logs_the_sparsity_computed_and_the_target_apart(tmp_path):
                 assert 0.3 < log["sparse/sparsity"] < 0.7, log
             else:  # the fixed top-K mask at the target
                 assert abs(log["sparse/sparsity"] - 0.5) < 0.02 and log["sparse/fixed"] == 1.0, log
+
+
+def test_the_record_on_the_model_counts_every_step_when_the_last_log_came_earlier(tmp_path):
+    # 8 steps, a log every 3: the record left on the model must count steps 7 and 8 too (published at the end)
+    trainer, model = _train(tmp_path, logging_steps=3)
+    card = hs.render_model_card(model, "someone/base")
+    assert "| fixed mask (the kept units trained alone) | 4 |" in _method_section(card.content)
