@@ -43,7 +43,7 @@ class MetricsMixin:
         self._dense_matmul_params, self._prunable_params = matmul_params(model, self.structure)
         self._sparse_state = {"skipped_updates": 0, "flops_ratio_sum": 0.0, "steps": 0, "structure_updates": 0,
                               **{f"{kind}_steps": 0 for kind in STEP_KINDS}}
-        self._structure_metrics: dict[str, list[float]] = {}
+        self._structure_metrics: dict[str, list[float]] = {}  # name -> [sum, count] since the last log
 
     # --- metrics --------------------------------------------------------------------------------------
     def _forward_share(self, mask: torch.Tensor) -> float:
@@ -119,7 +119,10 @@ class MetricsMixin:
             m.__dict__[STRUCTURE_RUN_ATTR] = self.structure_run()
 
     def _add_metric(self, name: str, value: float):
-        self._structure_metrics.setdefault(name, []).append(float(value))
+        # a running sum, not a list: a run that never logs keeps nothing per step
+        acc = self._structure_metrics.setdefault(name, [0.0, 0])
+        acc[0] += float(value)
+        acc[1] += 1
 
     def _log_structure(self, losses: torch.Tensor, scores: torch.Tensor, next_step: int):
         """After each structure (policy-gradient) update of a search step, applied or skipped."""
@@ -134,9 +137,9 @@ class MetricsMixin:
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the structure metrics averaged since the last one
-            for name, values in self._structure_metrics.items():
-                if values:
-                    logs[name] = sum(values) / len(values)
+            for name, (total, count) in self._structure_metrics.items():
+                if count:
+                    logs[name] = total / count
             self._structure_metrics = {}
             scores = self.structure.scores().double()
             if "sparse/sparsity" not in logs:  # no step recorded since the last log (e.g. right after a resume)
