@@ -15,6 +15,7 @@ from .export import (
 )
 from .hub import HubOfflineError, describe_hardware, push_sparse_to_hub, render_model_card, save_model_card
 from .layers import MaskedWeightLinear, SparseLinear
+from .prune import PruneResult, prune_model
 from .patching import get_sparse_config, is_sparsified, sparsify_model, unit_magnitudes, unsparsify_model
 from .report import SparsityReport, sparsity_report
 from .structure import SparseStructure, UnitGroup, sample_masks, topk_mask
@@ -62,6 +63,8 @@ __all__ = sorted(
         "masks_fixed",
         "merge_lora_sparse",
         "project_to_budget",
+        "prune_model",
+        "PruneResult",
         "push_sparse_to_hub",
         "render_model_card",
         "sample_masks",

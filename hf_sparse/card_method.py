@@ -1,0 +1,79 @@
+"""How a model's structure was chosen, in the model card's terms: the kind of run (a search, the forward-only search
+of `prune_model`, a Taylor mask, a given mask...), its name, tags and step counts (`structure_method`). The card's
+words for each kind are in templates/model_card.md."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+_ESTIMATOR_NAMES = {"vrpge": ("VR-PGE", "vr-pge"), "disarm": ("DisARM", "disarm")}
+
+
+def schedule_plan(args: Any) -> dict[str, Any] | None:
+    """The step kinds the schedule of the training arguments plans (fractions of training), if they have one."""
+    get = args.get if isinstance(args, Mapping) else lambda k: getattr(args, k, None)
+    w, fix = get("importance_warmup"), get("fix_masks_at")
+    return None if args is None or w is None or fix is None else {
+        "importance_warmup_steps": w, "search_steps": max(fix - w, 0.0), "fixed_steps": 1.0 - fix, "planned": True,
+        "estimator": get("estimator")}
+
+
+def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None = None) -> dict[str, Any]:
+    """How the structure was chosen, for the card: its `kind` (search, forward_only, taylor, given, initial,
+    warmup_only, no_steps, stated, unknown), `name`, `tags`, step-count `rows` and their `source`. `run`: what
+    `SparseTrainer.structure_run()` returns, a dict with its keys (`importance_warmup_steps`, `search_steps`,
+    `fixed_steps`, `estimator`, ...), a string naming the method, or None. Only a search tags the estimator."""
+    if run is None or isinstance(run, str):
+        tags = [t for k, t in (("vr-pge", "vr-pge"), ("vrpge", "vr-pge"), ("disarm", "disarm"),
+                               ("taylor", "taylor-importance")) if run and k in run.lower()]
+        return {"kind": "unknown" if run is None else "stated", "name": "not recorded" if run is None else _cell(run),
+                "tags": list(dict.fromkeys(tags)), "rows": [], "source": ""}
+    if not isinstance(run, Mapping):
+        raise TypeError(f"structure_run must be a dict of step counts, a string or None, got {type(run).__name__}")
+    planned = bool(run.get("planned"))
+    warmup, search, fixed = (float(run.get(f"{k}_steps") or 0) for k in ("importance_warmup", "search", "fixed"))
+    estimator, tag = _ESTIMATOR_NAMES.get(str(run.get("estimator") or "vrpge"), (str(run.get("estimator")), None))
+    score_init = run.get("score_init", score_init)
+    kind, tags = "no_steps", []
+    if run.get("forward_only"):  # hf_sparse.prune_model: a search on frozen weights, forward passes only
+        count = int(run.get("search_steps") or 0)
+        return {"kind": "forward_only", "name": f"the forward-only {estimator} search of hf_sparse.prune_model",
+                "tags": [t for t in (tag if count else None, "forward-only-pruning") if t],
+                "rows": [("search (masks sampled from the keep probabilities; weights frozen, no backward)", f"{count:,}"),
+                         ("forward passes (calibration, samples and the final check)",
+                          f"{int(run.get('forward_passes') or 0):,}")],
+                "source": f"counted by {run.get('recorded_by', 'hf_sparse.prune_model')}", "estimator": estimator,
+                "updates": count, "skipped": 0, "warmed_up": False, "fixed": True, "counted": True,
+                "start": str(run.get("start", "activation")), "samples": int(run.get("num_samples") or 0)}
+    if run.get("fixed_from_start"):
+        kind, name = "given", "a mask fixed before training"
+    elif search > 0:
+        kind, tags = "search", [t for t in (tag, "taylor-importance" if warmup else None) if t]
+        name = f"the {estimator} search" + (", after an informed start from the Taylor importance" if warmup else "")
+    elif warmup > 0 and fixed > 0:
+        kind, tags = "taylor", ["taylor-importance"]
+        name = "the Taylor importance read in a dense warm-up, then the top-K mask fixed without a search"
+    elif warmup > 0:
+        kind, name = "warmup_only", "none: the run ended in its dense warm-up"
+    elif fixed > 0:
+        kind, name = "initial", f"the top-K of the initial scores (score_init={score_init!r}), fixed from the start"
+        tags = ["magnitude-pruning"] if score_init == "magnitude" else []
+    else:
+        name = "none: no training step was recorded"
+    count = (lambda n: f"{100 * n:.0f}% of the steps") if planned else (lambda n: f"{int(n):,}")
+    rows = [("dense warm-up (every unit trained; Taylor importance read from the backward)", count(warmup)),
+            (f"search (masks sampled from the keep probabilities; {estimator} updates of them)", count(search)),
+            ("fixed mask (the kept units trained alone)", count(fixed))]
+    if run.get("train_flops_vs_dense") is not None and not planned:
+        rows.append(("training FLOPs against dense (matmul proxy)", f"{float(run['train_flops_vs_dense']):.2f}"))
+    source = ("planned by the training arguments (the trainer's step counts were not available)" if planned
+              else f"counted by {run['recorded_by']} during training" if run.get("recorded_by")
+              else "as stated by the caller")
+    return {"kind": kind, "name": name, "tags": tags, "rows": rows, "source": source, "estimator": estimator,
+            "updates": int(run.get("structure_updates", search) or 0), "skipped": int(run.get("skipped_updates") or 0),
+            "warmed_up": warmup > 0, "fixed": fixed > 0, "counted": not planned and bool(run.get("recorded_by"))}
+
+
+def _cell(text: str) -> str:
+    """A string as one markdown table cell / line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")

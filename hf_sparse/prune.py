@@ -1,0 +1,371 @@
+"""`prune_model`: learn which heads and neurons of a *trained* model to keep from forward passes only.
+
+The policy-gradient estimator (VR-PGE) needs the losses of sampled masks and nothing else: no backward through the
+model, no weight gradients, no optimizer state for the weights, no activations stored for a backward. So a model
+is pruned at the memory of inference, which no chain-rule method (Taylor, movement, L0) can do. Each step draws
+`num_samples` masks from the keep probabilities, runs the same batch through each (gathered: a dropped unit costs
+nothing), turns the loss differences into the VR-PGE gradient of the expected loss, takes an Adam step on the
+scores and projects them back onto the global budget (heads and neurons of every layer in one budget). The start is
+the forward-only activation x weight importance, spread so that no unit sits at 0 or 1 (`forward_importance.py`).
+At the end the top-K mask is fixed: the model is an ordinary sparsified model (`export_model`, `shrink_model`, the
+card and `push_sparse_to_hub` take it as it is).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .budget import check_keeps_a_unit, project_to_budget
+from .config import SparseConfig
+from .estimator import pool_by_group, vrpge_gradient
+from .forward_importance import ActivationImportance, spread_scores
+from .masks import fix_masks, masks_fixed
+from .model_state import STRUCTURE_RUN_ATTR, get_sparse_config, is_sparsified
+from .patching import sparsify_model, unsparsify_model
+from .structure import SparseStructure, sample_masks
+
+logger = logging.getLogger("hf_sparse.prune")
+
+STARTS = ("activation", "magnitude", "uniform")
+
+
+@dataclass
+class PruneResult:
+    """What `prune_model` measured: the log rows (every `log_every` steps), the losses of the start's and the
+    final top-K masks on the calibration batches, the forward passes run and the peak memory of the process."""
+
+    steps: int
+    forward_passes: int
+    seconds: float
+    dense_loss: float | None
+    start_topk_loss: float | None
+    final_topk_loss: float | None
+    peak_memory_bytes: int | None
+    log: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prune_model(
+    model: nn.Module,
+    dataset: Any,
+    config: SparseConfig | None = None,
+    *,
+    steps: int = 200,
+    batch_size: int = 8,
+    data_collator: Callable | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+    num_samples: int = 4,
+    learning_rate: float = 0.05,
+    calibration_batches: int = 8,
+    start: str = "activation",
+    score_margin: float = 0.02,
+    pooling: float = 0.0,
+    temperature: float = 1.0,
+    lr_decay: str = "cosine",
+    seed: int = 0,
+    log_every: int = 10,
+    progress: bool = True,
+    return_result: bool = False,
+):
+    """Prune a trained model to `config.sparsity` from forward passes only; returns the model, sparsified with its
+    mask fixed (and a `PruneResult` with `return_result=True`).
+
+    model: a Transformers model of a family in the architecture table (or already `sparsify_model`-ed, masks not
+        fixed). Its weights are never changed; every forward runs under `torch.no_grad()` in eval mode.
+    dataset: a `datasets.Dataset` / torch dataset of examples (batched by `data_collator`, default
+        `transformers.default_data_collator`; columns the model's forward does not take are dropped) or an
+        iterable of ready batches (dicts). The model must return a loss for a batch (labels included), or give
+        `loss_fn(model, batch) -> scalar tensor`.
+    config: the `SparseConfig` (sparsity, granularity, budget); None: the model's own if it is sparsified, else the
+        defaults (50% of the heads' and neurons' parameters).
+    steps: structure updates; each runs `num_samples` (>= 2) masked forwards of one batch of `batch_size`.
+    calibration_batches: dense forwards that read the activation x weight start (and the dense loss), taken from
+        the same data; `start="magnitude"` uses the weight norms, `"uniform"` the kept fraction everywhere.
+    learning_rate: Adam's on the keep probabilities (betas 0.5, 0.999, as Gao et al. 2025).
+    score_margin: the keep probabilities stay in [margin, 1 - margin] until the mask is fixed (0: the plain
+        projection, where a unit at 0 or 1 is never searched again).
+    pooling: share of each group's mean gradient mixed into its units' (`estimator.pool_by_group`).
+    lr_decay: "cosine" (to 0 over `steps`) or "constant".
+    temperature: how sharp the start is (`spread_scores`): 1 spreads the z-scored importance over the sigmoid's
+        range; higher values start the samples closer to the start's top-K mask.
+    """
+    _check_arguments(steps, batch_size, num_samples, learning_rate, calibration_batches, start, score_margin,
+                     pooling, log_every)
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"prune_model: temperature must be a number > 0, got {temperature!r}")
+    if lr_decay not in ("cosine", "constant"):
+        raise ValueError(f"prune_model: lr_decay must be 'cosine' or 'constant', got {lr_decay!r}")
+    patched_here = not is_sparsified(model)
+    originals = dict(model.named_modules())
+    if patched_here:
+        sparsify_model(model, config if config is not None else SparseConfig())
+    else:
+        if masks_fixed(model):
+            raise ValueError("prune_model: this model's mask is already fixed (hf_sparse.fix_masks ran); start from "
+                             "the unsparsified model, or call hf_sparse.unsparsify_model(model) first")
+        if config is not None and config != get_sparse_config(model):
+            raise ValueError(
+                f"prune_model: the model is already sparsified with {get_sparse_config(model)}, which differs from "
+                f"config={config}; pass config=None to keep the model's, or unsparsify it first")
+    structure = SparseStructure(model)
+    before = (structure.scores().clone(), structure.masks().clone())
+    was_training = model.training
+    try:
+        result = _prune(model, structure, dataset, get_sparse_config(model), steps, batch_size, data_collator,
+                        loss_fn, num_samples, learning_rate, calibration_batches, start, score_margin, pooling,
+                        temperature, lr_decay, seed, log_every, progress)
+    except BaseException:
+        # nothing half-done: the model leaves as it came (unpatched, or with its scores and masks as they were)
+        structure.set_masks(torch.ones(structure.num_units))
+        if patched_here:
+            unsparsify_model(model)
+            _put_back(model, originals)
+        else:
+            structure.set_scores(before[0])
+            structure.set_masks(before[1])
+        raise
+    finally:
+        model.train(was_training)
+    setattr(model, STRUCTURE_RUN_ATTR, {
+        "forward_only": True, "search_steps": result.steps, "forward_passes": result.forward_passes,
+        "estimator": "vrpge", "start": start, "num_samples": num_samples, "recorded_by": "hf_sparse.prune_model"})
+    return (model, result) if return_result else model
+
+
+def _put_back(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Put the very module objects the model had before patching back in place (they still hold the same, unchanged
+    parameters), so a failed run leaves no trace, not even an attribute of a rebuilt layer."""
+    from .model_state import parent_module
+
+    for name, module in list(model.named_modules()):
+        old = originals.get(name)
+        if name and old is not None and old is not module and type(old) is type(module):
+            parent, child = parent_module(model, name)
+            setattr(parent, child, old)
+
+
+def _check_arguments(steps, batch_size, num_samples, learning_rate, calibration_batches, start, score_margin,
+                     pooling, log_every) -> None:
+    def whole(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"prune_model: {name} must be an integer >= {low}, got {value!r}")
+
+    whole("steps", steps, 0)
+    whole("batch_size", batch_size, 1)
+    whole("num_samples", num_samples, 2)
+    whole("calibration_batches", calibration_batches, 1 if start == "activation" else 0)
+    whole("log_every", log_every, 1)
+    if start not in STARTS:
+        raise ValueError(f"prune_model: start must be one of {STARTS}, got {start!r}")
+    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"prune_model: learning_rate must be a number > 0, got {learning_rate!r}")
+    if not (isinstance(score_margin, (int, float)) and 0.0 <= score_margin < 0.5):
+        raise ValueError(f"prune_model: score_margin must be in [0, 0.5), got {score_margin!r}")
+    if not (isinstance(pooling, (int, float)) and 0.0 <= pooling <= 1.0):
+        raise ValueError(f"prune_model: pooling must be in [0, 1], got {pooling!r}")
+
+
+def batches(model: nn.Module, dataset: Any, batch_size: int, data_collator: Callable | None, seed: int) -> Iterator[dict]:
+    """Endless batches of `dataset` on the model's device: a dataset is shuffled (from `seed`) and collated, an
+    iterable of batches is cycled."""
+    device = next(model.parameters()).device
+    if isinstance(dataset, (list, tuple)) and dataset and all(_is_batch(b) for b in dataset):
+        source: Iterable = list(dataset)
+    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        from torch.utils.data import DataLoader
+        from transformers import default_data_collator
+
+        if len(dataset) == 0:
+            raise ValueError("prune_model: the dataset is empty")
+        dataset = _model_columns(model, dataset)
+        source = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                            collate_fn=data_collator or default_data_collator,
+                            generator=torch.Generator().manual_seed(seed))
+    else:
+        source = list(dataset)
+        if not source:
+            raise ValueError("prune_model: the dataset yielded no batch")
+    while True:
+        for batch in source:
+            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _is_batch(item: Any) -> bool:
+    return isinstance(item, dict) and any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in item.values())
+
+
+def _model_columns(model: nn.Module, dataset: Any) -> Any:
+    """A `datasets.Dataset` without the columns the model's forward does not take (text, ids of examples), as the
+    Trainer drops them (`remove_unused_columns`)."""
+    names = getattr(dataset, "column_names", None)
+    if not names:
+        return dataset
+    accepted = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", "labels"}
+    unused = [n for n in names if n not in accepted]
+    if len(unused) == len(names):
+        raise ValueError(f"prune_model: none of the dataset's columns {names} is an input of "
+                         f"{type(model).__name__}.forward; tokenize the dataset first")
+    return dataset.remove_columns(unused) if unused else dataset
+
+
+def _loss(model: nn.Module, batch: dict, loss_fn: Callable | None) -> float:
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    else:
+        loss = getattr(model(**batch), "loss", None)
+        if loss is None:
+            raise ValueError(f"prune_model: {type(model).__name__} returned no loss for a batch with keys "
+                             f"{sorted(batch)}: include the labels, or pass loss_fn=lambda model, batch: ...")
+    return float(loss)
+
+
+@torch.no_grad()
+def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, steps, batch_size, data_collator,
+           loss_fn, num_samples, learning_rate, calibration_batches, start, margin, pooling, temperature,
+           lr_decay, seed, log_every, progress) -> PruneResult:
+    t0 = time.perf_counter()
+    model.eval()  # no dropout: the masks of one step see the same function of the same batch
+    costs = structure.costs(config.budget)
+    check_keeps_a_unit(costs, config.sparsity, what="prune_model: SparseConfig.sparsity")
+    budget = (1.0 - config.sparsity) * float(costs.double().sum())
+    stream = batches(model, dataset, batch_size, data_collator, seed)
+    forwards = 0
+    calibration = [next(stream) for _ in range(calibration_batches)]
+    structure.set_masks(torch.ones(structure.num_units))
+    reader = ActivationImportance(model, structure)
+    dense_losses = []
+    with reader.track():
+        for batch in calibration:
+            dense_losses.append(_loss(model, batch, loss_fn))
+            forwards += 1
+    dense_loss = sum(dense_losses) / len(dense_losses) if dense_losses else None
+    if start == "activation":
+        importance = reader.flat()
+    elif start == "magnitude":
+        from .patching import unit_magnitudes
+
+        importance = unit_magnitudes(model, structure).double() * structure.params_per_unit().double().sqrt()
+    else:
+        importance = torch.ones(structure.num_units, dtype=torch.float64)
+    scores = spread_scores(importance, costs, budget, structure.sizes, margin=margin, temperature=temperature).to(structure.device)
+    structure.set_scores(scores)
+
+    def topk_loss() -> float | None:
+        if not calibration:
+            return None
+        structure.set_masks(structure.topk_mask(costs, budget))
+        return sum(_loss(model, b, loss_fn) for b in calibration) / len(calibration)
+
+    start_loss = topk_loss()
+    forwards += len(calibration)
+    logger.info("hf_sparse.prune_model: %d units, %d steps x %d masked forwards, start=%s; dense loss %s, "
+                "start top-K loss %s", structure.num_units, steps, num_samples, start, _fmt(dense_loss),
+                _fmt(start_loss))
+
+    z = scores.clone().requires_grad_(False)
+    param = torch.nn.Parameter(z)
+    optimizer = torch.optim.Adam([param], lr=learning_rate, betas=(0.5, 0.999))
+    # cosine decay to 0 (as Gao et al.): Adam moves every unit by ~lr a step whatever its signal, so at a constant
+    # rate the units the losses cannot tell apart random-walk and a longer search ends worse (measured: 300 steps
+    # below 100 on word_swap); decayed, the total movement is bounded and the last steps only refine
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))) if lr_decay == "cosine" else 1.0)
+    log: list[dict[str, float]] = []
+    bar = _progress(steps, progress)
+    window: list[tuple[float, float]] = []
+    for step in range(steps):
+        batch = next(stream)
+        s = structure.scores()
+        masks = sample_masks(s, num_samples, seed, step)
+        losses = []
+        for m in masks:
+            structure.set_masks(m)
+            losses.append(_loss(model, batch, loss_fn))
+        forwards += num_samples
+        losses_t = torch.tensor(losses, dtype=torch.float32, device=structure.device)
+        if not bool(torch.isfinite(losses_t).all()):
+            raise FloatingPointError(f"prune_model: step {step} gave non-finite losses {losses}; the model does not "
+                                     "run in this precision on these masks (try float32)")
+        delta = vrpge_gradient(losses_t, masks, s, "fisher")
+        delta = pool_by_group(delta, structure.sizes, pooling)
+        param.grad = delta.to(param.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        projected = project_to_budget(param.detach(), costs, budget, weights=costs, margin=margin)
+        param.data.copy_(projected)
+        structure.set_scores(projected)
+        window.append((sum(losses) / len(losses), max(losses) - min(losses)))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            row = {"step": step + 1, "loss": sum(w[0] for w in window) / len(window),
+                   "loss_difference": sum(w[1] for w in window) / len(window), **_score_stats(projected, margin)}
+            row.update(_kept_by_kind(structure, costs, projected))
+            log.append(row)
+            window = []
+            logger.info("hf_sparse.prune_model: step %d/%d loss %.4f loss difference %.4f entropy %.3f at bounds %.3f",
+                        row["step"], steps, row["loss"], row["loss_difference"], row["mask_entropy"],
+                        row["share_at_bounds"])
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", entropy=f"{row['mask_entropy']:.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    final_loss = topk_loss()
+    forwards += len(calibration)
+    fix_masks(model, sparsity=config.sparsity)
+    peak = _peak_memory(next(model.parameters()).device)
+    logger.info("hf_sparse.prune_model: final top-K loss %s (start's %s), %d forward passes, %.1f s",
+                _fmt(final_loss), _fmt(start_loss), forwards, time.perf_counter() - t0)
+    return PruneResult(steps=steps, forward_passes=forwards, seconds=time.perf_counter() - t0, dense_loss=dense_loss,
+                       start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
+
+
+def _score_stats(s: torch.Tensor, margin: float) -> dict[str, float]:
+    p = s.double().clamp(1e-12, 1 - 1e-12)
+    entropy = -(p * p.log2() + (1 - p) * (1 - p).log2())
+    at_bounds = ((s <= margin + 1e-6) | (s >= 1 - margin - 1e-6)).double().mean()
+    return {"mask_entropy": float(entropy.mean()), "share_at_bounds": float(at_bounds)}
+
+
+def _kept_by_kind(structure: SparseStructure, costs: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
+    """Expected kept share of each kind's cost (heads, neurons): how the search splits the one budget."""
+    out: dict[str, float] = {}
+    for kind in dict.fromkeys(structure.kinds()):
+        sel = torch.cat([torch.full((n,), k == kind) for n, k in zip(structure.sizes, structure.kinds())])
+        sel = sel.to(s.device)
+        out[f"kept_{kind}"] = float((costs[sel].double() * s[sel].double()).sum() / costs[sel].double().sum())
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="hf_sparse.prune_model", unit="step")
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except (ImportError, OSError):  # pragma: no cover
+        return None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"

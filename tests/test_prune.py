@@ -1,0 +1,187 @@
+"""`hf_sparse.prune_model`: structure learned from forward passes only, on every family, exported and reloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import ARCHS, VOCAB, assert_same_state, state_snapshot, tiny_inputs, tiny_model
+
+import hf_sparse as hs
+from hf_sparse.forward_importance import spread_scores
+
+
+def _lm_batches(arch: str, n: int = 3, batch: int = 4, seq: int = 8) -> list[dict]:
+    out = []
+    for i in range(n):
+        inputs = tiny_inputs(arch, batch=batch, seq=seq, seed=i)
+        out.append(dict(inputs, labels=inputs["input_ids"].clone()))
+    return out
+
+
+def _logits(model, arch: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tiny_inputs(arch, batch=2, seq=8, seed=99)).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_model_on_every_family_exports_a_shrunk_model_with_the_same_logits(arch, tmp_path):
+    model = tiny_model(arch)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned, result = hs.prune_model(model, _lm_batches(arch), hs.SparseConfig(sparsity=0.5), steps=6,
+                                    calibration_batches=2, progress=False, return_result=True)
+    assert pruned is model and hs.masks_fixed(model)
+    structure = hs.SparseStructure(model)
+    kept, total = structure.kept_budget(), structure.total_budget()
+    assert 0.4 * total < kept <= 0.5 * total + 1e-6  # the top-K fills the budget as closely as the costs allow
+    for k, v in weights.items():  # the search never changes a weight
+        assert torch.equal(model.state_dict()[k], v), k
+    assert result.forward_passes == 2 + 2 + 6 * 4 + 2  # calibration, start check, 6 steps x 4 samples, final check
+    assert [row["step"] for row in result.log] == [6]
+    expected = _logits(model, arch)
+    hs.export_model(model, tmp_path / "shrunk", export="shrink")
+    reloaded = hs.load_sparse_model(tmp_path / "shrunk")
+    torch.testing.assert_close(_logits(reloaded, arch), expected, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(v.numel() for v in weights.values())
+
+
+def test_no_backward_is_ever_called(monkeypatch):
+    def refuse(name):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"prune_model called {name}")
+        return refused
+
+    monkeypatch.setattr(torch.Tensor, "backward", refuse("Tensor.backward"))
+    monkeypatch.setattr(torch.autograd, "backward", refuse("torch.autograd.backward"))
+    monkeypatch.setattr(torch.autograd, "grad", refuse("torch.autograd.grad"))
+    model = tiny_model("llama")
+    hs.prune_model(model, _lm_batches("llama"), hs.SparseConfig(sparsity=0.5), steps=4, calibration_batches=1,
+                   progress=False)
+    assert hs.masks_fixed(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _planted_model():
+    """A tiny Llama in which 8 of each MLP's 64 neurons carry most of the output (their down_proj columns x40:
+    dropping them raises the loss by 0.07, dropping half of the rest by < 0.001): the
+    units whose removal costs the loss most. The activation x weight start would see them (weight norms), so the
+    test starts the search blind (start="uniform": every unit at the kept fraction) and asks the losses alone."""
+    model = tiny_model("llama")
+    planted = torch.arange(0, 64, 8)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, planted] *= 40.0
+    return model, planted
+
+
+def _own_predictions(model, arch: str, n: int, batch: int, seq: int) -> list[dict]:
+    """Batches labelled with the dense model's own greedy next tokens: the loss the units are needed for (a random
+    model's loss on random tokens is lowest with flat logits, so there every large unit would be a harmful one)."""
+    out = []
+    for i in range(n):
+        inputs = tiny_inputs(arch, batch=batch, seq=seq, seed=i)
+        with torch.no_grad():
+            predicted = model(**inputs).logits.argmax(-1)
+        labels = torch.full_like(predicted, -100)
+        labels[:, 1:] = predicted[:, :-1]  # the model shifts labels by one: position t is scored on token t + 1
+        out.append(dict(inputs, labels=labels))
+    return out
+
+
+def test_the_forward_only_search_finds_the_units_the_loss_needs():
+    model, planted = _planted_model()
+    batches = _own_predictions(model, "llama", n=4, batch=8, seq=16)
+    hs.prune_model(model, batches, hs.SparseConfig(sparsity=0.5, granularity=["neuron"]), steps=60,
+                   learning_rate=0.2, start="uniform", calibration_batches=1, progress=False)
+    structure = hs.SparseStructure(model)
+    for g in structure:
+        kept = g.mask.bool()
+        assert bool(kept[planted].all()), g.mask  # 8 of 64 at random: half of them kept
+        # the learned probabilities rank them at the top, not just above the cut (measured: 0.45 to 0.6 higher)
+        assert g.scores[planted].mean() > g.scores[~torch.isin(torch.arange(64), planted)].mean() + 0.3
+
+
+def test_spread_scores_keep_every_unit_off_0_and_1_and_follow_the_importance():
+    costs = torch.tensor([1.0] * 6 + [4.0] * 3)
+    importance = torch.tensor([1.0, 2, 3, 4, 5, 6, 10, 1, 40])
+    budget = 0.5 * float(costs.sum())
+    s = spread_scores(importance, costs, budget, group_sizes=[6, 3], margin=0.05, temperature=5.0)
+    assert float((s * costs).sum()) == pytest.approx(budget, rel=1e-5)
+    assert s.min() >= 0.05 - 1e-6 and s.max() <= 0.95 + 1e-6
+    assert s.min() < 0.06 and s.max() > 0.94  # so sharp a start would reach 0 and 1 without the margin
+    assert torch.equal(torch.argsort(s[:6]), torch.arange(6))  # the order within a group is the importance's
+    assert torch.equal(torch.argsort(s[6:]), torch.tensor([1, 0, 2]))
+
+
+def test_a_model_without_a_loss_is_refused_and_left_unpatched():
+    model = tiny_model("gpt2")
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="returned no loss.*loss_fn="):
+        hs.prune_model(model, [tiny_inputs("gpt2", batch=2, seq=4)], hs.SparseConfig(), steps=2, progress=False)
+    assert not hs.is_sparsified(model)
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_samples": 1}, "num_samples must be an integer >= 2"),
+    ({"learning_rate": 0.0}, "learning_rate must be a number > 0"),
+    ({"score_margin": 0.5}, r"score_margin must be in \[0, 0.5\)"),
+    ({"start": "taylor"}, "start must be one of"),
+])
+def test_bad_arguments_are_refused_before_anything_is_patched(kwargs, message):
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=message):
+        hs.prune_model(model, _lm_batches("gpt2"), hs.SparseConfig(), steps=2, progress=False, **kwargs)
+    assert not hs.is_sparsified(model)
+
+
+def test_a_loss_fn_and_a_card_that_says_forward_only(tmp_path):
+    model = tiny_model("bert", head="classification")
+    labels = torch.tensor([0, 1, 2, 1])
+    batches = [tiny_inputs("bert", batch=4, seq=8, seed=i) for i in range(2)]
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(torch.is_grad_enabled() or m.training)  # no graph kept, no dropout: plain inference
+        return torch.nn.functional.cross_entropy(m(**batch).logits, labels)
+
+    model.train()  # a model handed over in training mode is pruned in eval mode and handed back as it came
+    hs.prune_model(model, batches, hs.SparseConfig(sparsity=0.3), steps=3, loss_fn=loss_fn, calibration_batches=1,
+                   progress=False)
+    assert model.training
+    assert len(calls) == 1 + 1 + 3 * 4 + 1 and not any(calls)
+    card = hs.render_model_card(model, base_model="tiny-bert").content
+    assert "forward passes alone" in card and "3 steps" in card
+    assert "forward-only-pruning" in card and "vr-pge" in card
+    assert "did not come from that paper's policy-gradient search" not in card
+
+
+def test_the_cli_prunes_a_saved_classifier_from_a_csv(tmp_path):
+    from transformers import BertTokenizerFast
+
+    from hf_sparse.cli import main
+
+    model = tiny_model("bert", head="classification", num_labels=2)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(tmp_path / "model")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "model")
+    rows = ["text,label"] + [f"w{i} w{i + 1} w{i + 2},{i % 2}" for i in range(40)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    code = main(["prune", "--model", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.csv"),
+                 "--sparsity", "0.5", "--steps", "3", "--batch_size", "4", "--calibration_batches", "2",
+                 "--output_dir", str(out), "--export", "shrink"])
+    assert code == 0
+    assert {"README.md", "prune_result.json", "config.json"} <= set(os.listdir(out))
+    result = json.loads((out / "prune_result.json").read_text())
+    assert result["steps"] == 3 and result["arguments"]["sparsity"] == 0.5
+    assert "forward passes alone" in (out / "README.md").read_text()
+    shrunk = hs.load_sparse_model(out)
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="--label_column 'missing' is not a column"):
+        main(["prune", "--model", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.csv"),
+              "--label_column", "missing", "--output_dir", str(tmp_path / "out2")])
