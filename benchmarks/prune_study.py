@@ -17,7 +17,9 @@ it is (no recovery) and after the same short recovery (`--recovery_steps` of Spa
 batch 32, AdamW 5e-5). Columns: accuracy, wall-clock of the pruning, forward and backward passes.
 Peak memory: benchmarks/prune_memory.py (one process per method).
 
-    python benchmarks/prune_study.py --tasks word_swap word_replace --seeds 0 1 2 --sparsity 0.3 0.5
+    python benchmarks/prune_study.py --tasks word_swap word_replace lm --seeds 0 1 2 --sparsity 0.3 0.5
+Task `lm`: the causal-LM recipe's small Llama trained densely from scratch on the Shakespeare corpus (800 steps of
+16 x 64 tokens), evaluated by validation perplexity on three held-out plays (lower is better).
 Rows are cached as JSON under --out (a rerun skips them) and printed as one table.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,6 +39,43 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINES = ("wanda_sp", "taylor", "magnitude", "random")
+
+
+LM_TASK = "lm"  # the causal-LM recipe's model: a small Llama trained from scratch on the Shakespeare corpus
+
+
+def lm_model(seed: int, cache: str, steps: int = 800):
+    """A small Llama (hidden 128, 4 layers, 4 heads / 2 kv heads, MLP 344, BPE vocab 2048, blocks of 64 tokens; the
+    quality study's LM) trained densely for `steps` of batch 16 on 33 plays, cached; validation: 128 blocks of the
+    three held-out plays."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments, \
+        default_data_collator, set_seed
+
+    from hf_sparse.tasks.lm import group_texts, load_lm_corpus, train_bpe_tokenizer
+
+    folder = os.path.join(cache, f"lm_seed{seed}_{steps}")
+    corpus = load_lm_corpus()
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    else:
+        tokenizer = train_bpe_tokenizer(corpus["train"]["text"], vocab_size=2048)
+    data = group_texts(corpus.remove_columns(["play"]), tokenizer, 64)
+    data = {"train": data["train"], "test": data["validation"].select(range(128))}
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        set_seed(seed)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=344, max_position_embeddings=64,
+                             tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = LlamaForCausalLM(config)
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=16,
+                                 learning_rate=1e-3, warmup_steps=0.06, weight_decay=0.01, save_strategy="no",
+                                 report_to=[], disable_tqdm=True, seed=seed, use_cpu=True, logging_steps=100)
+        Trainer(model=model, args=args, train_dataset=data["train"], data_collator=default_data_collator).train()
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    return model.eval(), tokenizer, data
 
 
 def load_task(task: str, seed: int):
@@ -72,11 +112,15 @@ def dense_model(task: str, seed: int, cache: str, steps: int = 250):
 
 @torch.no_grad()
 def evaluate(model, data, tokenizer) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) on `data`."""
+    """(accuracy, mean cross-entropy) on `data`; for the causal LM (perplexity, mean token cross-entropy)."""
     from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding, default_data_collator
 
     model.eval()
+    if "input_ids" in data.column_names and "labels" in data.column_names and "label" not in data.column_names:
+        losses = [float(model(**b).loss) for b in DataLoader(data, batch_size=32, collate_fn=default_data_collator)]
+        loss = sum(losses) / len(losses)  # equal blocks of 64 tokens: the mean of the batch means
+        return math.exp(loss), loss
     right, loss = 0, 0.0
     for batch in DataLoader(data, batch_size=128, collate_fn=DataCollatorWithPadding(tokenizer)):
         labels = batch.pop("labels")
@@ -92,9 +136,7 @@ def accuracy(model, data, tokenizer) -> float:
 
 def calibration_batches(data, tokenizer, n: int, batch: int, seed: int) -> list[dict]:
     from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
-
-    loader = DataLoader(data, batch_size=batch, shuffle=True, collate_fn=DataCollatorWithPadding(tokenizer),
+    loader = DataLoader(data, batch_size=batch, shuffle=True, collate_fn=_collator(tokenizer, data),
                         generator=torch.Generator().manual_seed(seed))
     out = []
     for b in loader:
@@ -142,7 +184,7 @@ def prune(method: str, model, data, tokenizer, sparsity: float, seed: int, a) ->
     if method.startswith("prune_model@"):
         steps = int(method.split("@")[1])
         _, result = hs.prune_model(model, data["train"], config, steps=steps, batch_size=a.prune_batch,
-                                   data_collator=_collator(tokenizer), num_samples=a.num_samples,
+                                   data_collator=_collator(tokenizer, data["train"]), num_samples=a.num_samples,
                                    learning_rate=a.prune_lr, calibration_batches=a.calibration_batches,
                                    seed=seed, progress=False, return_result=True, **json.loads(a.prune_args))
         return {"seconds": time.perf_counter() - start, "forwards": result.forward_passes, "backwards": 0,
@@ -160,9 +202,12 @@ def prune(method: str, model, data, tokenizer, sparsity: float, seed: int, a) ->
     return {"seconds": time.perf_counter() - start, "forwards": forwards, "backwards": backwards}
 
 
-def _collator(tokenizer):
-    from transformers import DataCollatorWithPadding
+def _collator(tokenizer, data=None):
+    """Padding for the pair tasks; the LM's blocks are all 64 tokens (their labels are the inputs)."""
+    from transformers import DataCollatorWithPadding, default_data_collator
 
+    if data is not None and "labels" in data.column_names:
+        return default_data_collator
     return DataCollatorWithPadding(tokenizer)
 
 
@@ -174,14 +219,14 @@ def recover(model, data, tokenizer, steps: int, seed: int) -> float:
                                       learning_rate=5e-5, warmup_steps=0.1, weight_decay=0.01, save_strategy="no",
                                       report_to=[], disable_tqdm=True, seed=seed, use_cpu=True, logging_steps=steps)
     trainer = hs.SparseTrainer(model=model, args=args, train_dataset=data["train"], processing_class=tokenizer,
-                               data_collator=_collator(tokenizer))
+                               data_collator=_collator(tokenizer, data["train"]))
     trainer.train()
     return accuracy(model, data["test"], tokenizer)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["word_swap", "word_replace"])
+    p.add_argument("--tasks", nargs="+", default=["word_swap", "word_replace", LM_TASK])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.3, 0.5])
     p.add_argument("--methods", nargs="+", default=["prune_model@100", "prune_model@300", *BASELINES])
@@ -202,7 +247,8 @@ def main(argv=None) -> int:
     table: dict = {}
     for task in a.tasks:
         for seed in a.seeds:
-            base, tokenizer, data = dense_model(task, seed, a.cache)
+            base, tokenizer, data = (lm_model(seed, a.cache) if task == LM_TASK
+                                     else dense_model(task, seed, a.cache))
             dense_path = os.path.join(a.out, f"{task}__dense__seed{seed}.json")
             if not os.path.exists(dense_path):
                 with open(dense_path, "w") as f:
@@ -229,7 +275,7 @@ def main(argv=None) -> int:
                             json.dump(row, f, indent=1)
                     with open(path) as f:
                         table.setdefault((task, sparsity, label), []).append(json.load(f))
-    print("\n| task | sparsity | method | seeds | accuracy, no recovery | after recovery | prune s | forwards | "
+    print("\n| task | sparsity | method | seeds | accuracy (lm: perplexity), no recovery | after recovery | prune s | forwards | "
           "backwards |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for (task, sparsity, method), rows in table.items():

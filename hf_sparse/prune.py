@@ -234,6 +234,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
            loss_fn, num_samples, learning_rate, calibration_batches, start, margin, pooling, temperature,
            lr_decay, seed, log_every, progress) -> PruneResult:
     t0 = time.perf_counter()
+    release = _heap_release(next(model.parameters()).device)
     model.eval()  # no dropout: the masks of one step see the same function of the same batch
     costs = structure.costs(config.budget)
     check_keeps_a_unit(costs, config.sparsity, what="prune_model: SparseConfig.sparsity")
@@ -291,6 +292,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
         for m in masks:
             structure.set_masks(m)
             losses.append(_loss(model, batch, loss_fn))
+            release()
         forwards += num_samples
         losses_t = torch.tensor(losses, dtype=torch.float32, device=structure.device)
         if not bool(torch.isfinite(losses_t).all()):
@@ -329,6 +331,23 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
                 _fmt(final_loss), _fmt(start_loss), forwards, time.perf_counter() - t0)
     return PruneResult(steps=steps, forward_passes=forwards, seconds=time.perf_counter() - t0, dense_loss=dense_loss,
                        start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
+
+
+def _heap_release(device: torch.device) -> Callable[[], None]:
+    """On CPU under glibc: hand the freed heap back after each masked forward. Every sampled mask has its own kept
+    sizes, so every forward frees and allocates blocks of new shapes, and glibc keeps the freed ones mapped: the
+    process grew by ~50 MiB a forward on MiniLM at batch 32 x 128 (917 MiB over inference after 46 forwards), with
+    no tensor alive. `malloc_trim(0)` keeps it at inference's size for ~3 ms a forward."""
+    if device.type != "cpu":
+        return lambda: None
+    try:
+        import ctypes
+        import ctypes.util
+
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return lambda: None
+    return lambda: trim(0) and None
 
 
 def _score_stats(s: torch.Tensor, margin: float) -> dict[str, float]:
