@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=["prune_model@100", "prune_model@300", *BASELINES])
     p.add_argument("--prune_batch", type=int, default=16)
     p.add_argument("--num_samples", type=int, default=4)
-    p.add_argument("--prune_lr", type=float, default=0.05)
+    p.add_argument("--prune_lr", type=float, default=0.02)
     p.add_argument("--prune_args", default="{}", help="JSON of extra prune_model keywords (give a --tag)")
     p.add_argument("--calibration_batches", type=int, default=8)
     p.add_argument("--recovery_steps", type=int, default=50)

@@ -61,16 +61,16 @@ def prune_model(
     config: SparseConfig | None = None,
     *,
     steps: int = 200,
-    batch_size: int = 8,
+    batch_size: int = 16,
     data_collator: Callable | None = None,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     num_samples: int = 4,
-    learning_rate: float = 0.05,
+    learning_rate: float = 0.02,
     calibration_batches: int = 8,
     start: str = "activation",
     score_margin: float = 0.02,
     pooling: float = 0.0,
-    temperature: float = 1.0,
+    temperature: float = 3.0,
     lr_decay: str = "cosine",
     seed: int = 0,
     log_every: int = 10,
@@ -91,13 +91,18 @@ def prune_model(
     steps: structure updates; each runs `num_samples` (>= 2) masked forwards of one batch of `batch_size`.
     calibration_batches: dense forwards that read the activation x weight start (and the dense loss), taken from
         the same data; `start="magnitude"` uses the weight norms, `"uniform"` the kept fraction everywhere.
-    learning_rate: Adam's on the keep probabilities (betas 0.5, 0.999, as Gao et al. 2025).
+    learning_rate: Adam's on the keep probabilities (betas 0.5, 0.999, as Gao et al. 2025), decayed by `lr_decay`.
+    Defaults (batch 16, 4 samples, learning rate 0.02 with cosine decay, temperature 3, margin 0.02): the best
+        of the settings tried on one task and seed (word_swap, seed 0; docs/prune.md), the other tasks and seeds
+        held out of that choice.
     score_margin: the keep probabilities stay in [margin, 1 - margin] until the mask is fixed (0: the plain
         projection, where a unit at 0 or 1 is never searched again).
     pooling: share of each group's mean gradient mixed into its units' (`estimator.pool_by_group`).
     lr_decay: "cosine" (to 0 over `steps`) or "constant".
     temperature: how sharp the start is (`spread_scores`): 1 spreads the z-scored importance over the sigmoid's
-        range; higher values start the samples closer to the start's top-K mask.
+        range; higher values start the samples closer to the start's top-K mask, so that a loss difference is
+        spread over fewer varying units (3: the start's calibration loss improved 0.590 -> 0.548 in 100 steps on
+        word_swap at 30%, against 0.581 at 1).
     """
     _check_arguments(steps, batch_size, num_samples, learning_rate, calibration_batches, start, score_margin,
                      pooling, log_every)
@@ -304,7 +309,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        projected = project_to_budget(param.detach(), costs, budget, weights=costs, margin=margin)
+        projected = _onto_budget(param.detach(), costs, budget, margin)
         param.data.copy_(projected)
         structure.set_scores(projected)
         window.append((sum(losses) / len(losses), max(losses) - min(losses)))
@@ -331,6 +336,24 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
                 _fmt(final_loss), _fmt(start_loss), forwards, time.perf_counter() - t0)
     return PruneResult(steps=steps, forward_passes=forwards, seconds=time.perf_counter() - t0, dense_loss=dense_loss,
                        start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
+
+
+def _onto_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, margin: float) -> torch.Tensor:
+    """The projection onto the budget as an equality: above it, `project_to_budget` (one shift down for every
+    unit); below it, one shift up until the expected kept cost is the budget again. Why: the capped simplex only
+    bounds the kept cost from above, and noise in the estimate walks units off the margins inward, so the expected
+    kept share drifted to 0.61 of a 0.70 budget on MiniLM in 300 steps: the sampled masks were sparser than the
+    mask that will be fixed, and their losses measured the wrong operating point."""
+    projected = project_to_budget(z, costs, budget, weights=costs, margin=margin)
+    c = costs.double()
+    if float((c * projected.double()).sum()) >= budget * (1 - 1e-9):
+        return projected
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # the kept cost of clamp(s + b) grows with b: bisection for the budget
+        mid = (lo + hi) / 2
+        spent = float((c * (projected.double() + mid).clamp(margin, 1 - margin)).sum())
+        lo, hi = (mid, hi) if spent < budget else (lo, mid)
+    return (projected + lo).clamp(margin, 1 - margin).to(z.dtype)
 
 
 def _heap_release(device: torch.device) -> Callable[[], None]:

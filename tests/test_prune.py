@@ -93,8 +93,8 @@ def _own_predictions(model, arch: str, n: int, batch: int, seq: int) -> list[dic
 def test_the_forward_only_search_finds_the_units_the_loss_needs():
     model, planted = _planted_model()
     batches = _own_predictions(model, "llama", n=4, batch=8, seq=16)
-    hs.prune_model(model, batches, hs.SparseConfig(sparsity=0.5, granularity=["neuron"]), steps=60,
-                   learning_rate=0.2, start="uniform", calibration_batches=1, progress=False)
+    hs.prune_model(model, batches, hs.SparseConfig(sparsity=0.5, granularity=["neuron"]), steps=150,
+                   learning_rate=0.05, start="uniform", calibration_batches=1, progress=False)
     structure = hs.SparseStructure(model)
     for g in structure:
         kept = g.mask.bool()
@@ -185,3 +185,17 @@ def test_the_cli_prunes_a_saved_classifier_from_a_csv(tmp_path):
     with pytest.raises(ValueError, match="--label_column 'missing' is not a column"):
         main(["prune", "--model", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.csv"),
               "--label_column", "missing", "--output_dir", str(tmp_path / "out2")])
+
+
+def test_the_search_keeps_the_expected_kept_cost_at_the_budget_from_below_too():
+    from hf_sparse.prune import _onto_budget
+
+    costs = torch.tensor([1.0, 1.0, 4.0, 4.0])
+    budget = 5.0
+    below = torch.tensor([0.1, 0.2, 0.3, 0.2])  # kept cost 2.3: the capped simplex would leave it there
+    s = _onto_budget(below, costs, budget, margin=0.02)
+    assert float((s * costs).sum()) == pytest.approx(budget, rel=1e-6)
+    assert torch.allclose(s - below, (s - below)[0].expand(4))  # one shift for every unit: the order is kept
+    above = torch.tensor([0.9, 0.9, 0.9, 0.9])
+    s = _onto_budget(above, costs, budget, margin=0.02)
+    assert float((s * costs).sum()) == pytest.approx(budget, rel=1e-6)
