@@ -199,3 +199,30 @@ def test_the_search_keeps_the_expected_kept_cost_at_the_budget_from_below_too():
     above = torch.tensor([0.9, 0.9, 0.9, 0.9])
     s = _onto_budget(above, costs, budget, margin=0.02)
     assert float((s * costs).sum()) == pytest.approx(budget, rel=1e-6)
+
+
+def test_the_cli_prunes_a_causal_lm_from_a_text_file(tmp_path):
+    import transformers as tf
+
+    from hf_sparse.cli import main
+    from hf_sparse.tasks.lm import train_bpe_tokenizer
+
+    lines = [f"line {i} of the play, spoken by the {i % 3}rd player" for i in range(60)]
+    tokenizer = train_bpe_tokenizer(lines, vocab_size=300)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                            tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    model = tf.LlamaForCausalLM(config)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    code = main(["prune", "--model", str(tmp_path / "lm"), "--train_file", str(tmp_path / "train.txt"),
+                 "--sparsity", "0.5", "--steps", "2", "--batch_size", "4", "--calibration_batches", "1",
+                 "--max_length", "16", "--output_dir", str(tmp_path / "out"), "--export", "plain"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "prune_result.json").read_text())
+    assert result["forward_passes"] == 1 + 1 + 2 * 4 + 1 and result["dense_loss"] > 0
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a plain export: no hf_sparse needed
+    zero_columns = (plain.model.layers[0].mlp.down_proj.weight.abs().sum(0) == 0).sum()
+    assert 0 < int(zero_columns) < 64  # the dropped neurons are explicit zeros

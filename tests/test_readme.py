@@ -48,3 +48,28 @@ def test_readme_setup_commands_match_ci():
         makefile = f.read()
     assert re.search(r"^run:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "recipes/text_classification.py" in makefile
+
+
+def test_readme_prune_example_runs(tmp_path, monkeypatch):
+    section = readme().split("## Prune a trained model from forward passes only", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__readme__"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    import torch
+
+    import hf_sparse as hs
+
+    model = namespace["model"]
+    assert hs.masks_fixed(model)
+    structure = hs.SparseStructure(model)
+    assert structure.kept_budget() <= 0.7 * structure.total_budget() + 1e-6
+    # the recovery trained the kept units only: the mask it ends with is the mask prune_model fixed, and the
+    # shrunk export written before it still loads (with fewer parameters than the dense model)
+    exported = hs.load_sparse_model(tmp_path / "outputs" / "pruned")
+    dense = namespace["dense"]
+    assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in dense.parameters())
+    neurons = [layer.intermediate.dense.out_features for layer in exported.bert.encoder.layer]
+    assert neurons == structure.kept_counts()["neuron"]  # the mask after the recovery is the one exported before it
+    classifier_before = dict(exported.named_parameters())["classifier.weight"]
+    assert not torch.equal(classifier_before, dict(model.named_parameters())["classifier.weight"])  # recovery trained
