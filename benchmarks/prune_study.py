@@ -48,8 +48,15 @@ def lm_model(seed: int, cache: str, steps: int = 800):
     """A small Llama (hidden 128, 4 layers, 4 heads / 2 kv heads, MLP 344, BPE vocab 2048, blocks of 64 tokens; the
     quality study's LM) trained densely for `steps` of batch 16 on 33 plays, cached; validation: 128 blocks of the
     three held-out plays."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments, \
-        default_data_collator, set_seed
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
 
     from hf_sparse.tasks.lm import group_texts, load_lm_corpus, train_bpe_tokenizer
 
@@ -92,8 +99,13 @@ def load_task(task: str, seed: int):
 
 def dense_model(task: str, seed: int, cache: str, steps: int = 250):
     """The densely fine-tuned MiniLM of (task, seed), trained once and cached."""
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     folder = os.path.join(cache, f"{task}_seed{seed}_{steps}")
     path, tokenizer, data = load_task(task, seed)
@@ -279,7 +291,7 @@ def main(argv=None) -> int:
           "backwards |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for (task, sparsity, method), rows in table.items():
-        def ms(key):
+        def ms(key, rows=rows):
             vals = [r[key] for r in rows if key in r]
             if not vals:
                 return "--"
@@ -291,7 +303,40 @@ def main(argv=None) -> int:
         bw = "--" if method == "dense" else f"{statistics.mean(r['backwards'] for r in rows):.0f}"
         print(f"| {task} | {sparsity} | {method} | {len(rows)} | {ms('accuracy')} | {ms('recovered_accuracy')} | "
               f"{sec} | {fw} | {bw} |")
+    print_targets(table)
     return 0
+
+
+def print_targets(table: dict) -> None:
+    """The issue's targets on the classification tasks, each seed paired (same fine-tuned model) and the mean."""
+    print("\n| target | task | method | per seed | mean | status |")
+    print("|---|---|---|---|---:|---|")
+
+    def paired(task, sparsity, method, other, key):
+        mine, theirs = table.get((task, sparsity, method)), table.get((task, sparsity, other))
+        if not mine or not theirs or len(mine) != len(theirs):
+            return None
+        return [100 * (m[key] - t[key]) for m, t in zip(mine, theirs)]
+
+    tasks = sorted({k[0] for k in table if k[0] != LM_TASK})
+    methods = sorted({k[2] for k in table if k[2].startswith("prune_model")})
+    for task in tasks:
+        for method in methods:
+            rows = [("30%: >= 2 points above magnitude, no recovery", 0.3, "magnitude", "accuracy", 2.0),
+                    ("30%: at or above wanda_sp, no recovery", 0.3, "wanda_sp", "accuracy", 0.0)]
+            for label, sparsity, other, key, need in rows:
+                d = paired(task, sparsity, method, other, key)
+                if d is None:
+                    continue
+                mean = statistics.mean(d)
+                print(f"| {label} | {task} | {method} | {', '.join(f'{x:+.1f}' for x in d)} | {mean:+.1f} | "
+                      f"{'MET' if mean >= need else 'MISSED'} |")
+            mine, dense = table.get((task, 0.5, method)), table.get((task, 0.0, "dense"))
+            if mine and dense and len(mine) == len(dense):
+                d = [100 * (m["recovered_accuracy"] - x["accuracy"]) for m, x in zip(mine, dense)]
+                mean = statistics.mean(d)
+                print(f"| 50% with recovery: within 3 points of dense | {task} | {method} | "
+                      f"{', '.join(f'{x:+.1f}' for x in d)} | {mean:+.1f} | {'MET' if mean >= -3.0 else 'MISSED'} |")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ words for each kind are in templates/model_card.md."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _ESTIMATOR_NAMES = {"vrpge": ("VR-PGE", "vr-pge"), "disarm": ("DisARM", "disarm")}
 
@@ -35,16 +36,10 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     estimator, tag = _ESTIMATOR_NAMES.get(str(run.get("estimator") or "vrpge"), (str(run.get("estimator")), None))
     score_init = run.get("score_init", score_init)
     kind, tags = "no_steps", []
-    if run.get("forward_only"):  # hf_sparse.prune_model: a search on frozen weights, forward passes only
-        count = int(run.get("search_steps") or 0)
-        return {"kind": "forward_only", "name": f"the forward-only {estimator} search of hf_sparse.prune_model",
-                "tags": [t for t in (tag if count else None, "forward-only-pruning") if t],
-                "rows": [("search (masks sampled from the keep probabilities; weights frozen, no backward)", f"{count:,}"),
-                         ("forward passes (calibration, samples and the final check)",
-                          f"{int(run.get('forward_passes') or 0):,}")],
-                "source": f"counted by {run.get('recorded_by', 'hf_sparse.prune_model')}", "estimator": estimator,
-                "updates": count, "skipped": 0, "warmed_up": False, "fixed": True, "counted": True,
-                "start": str(run.get("start", "activation")), "samples": int(run.get("num_samples") or 0)}
+    pruned = run.get("mask_from") if run.get("fixed_from_start") else None
+    if run.get("forward_only") or (isinstance(pruned, Mapping) and pruned.get("forward_only")):
+        return _forward_only(run if run.get("forward_only") else pruned, estimator, tag,
+                             recovery_steps=int(run.get("fixed_steps") or 0) if pruned else 0)
     if run.get("fixed_from_start"):
         kind, name = "given", "a mask fixed before training"
     elif search > 0:
@@ -77,3 +72,25 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
 def _cell(text: str) -> str:
     """A string as one markdown table cell / line."""
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+_STARTS = {"activation": "each unit's activation x weight norm, read from a few dense forwards (as Wanda-sp)",
+           "magnitude": "each unit's weight norm", "uniform": "the same keep probability for every unit"}
+
+
+def _forward_only(run: Mapping[str, Any], estimator: str, tag: str | None, recovery_steps: int) -> dict[str, Any]:
+    """`hf_sparse.prune_model`'s record (a search on frozen weights, forward passes only), and the steps of a
+    `SparseTrainer` recovery run on its fixed mask, if one followed."""
+    count = int(run.get("search_steps") or 0)
+    rows = [("search (masks sampled from the keep probabilities; weights frozen, no backward)", f"{count:,}"),
+            ("forward passes (calibration, samples and the final check)", f"{int(run.get('forward_passes') or 0):,}")]
+    if recovery_steps:
+        rows.append(("recovery (the kept units trained with the mask fixed)", f"{recovery_steps:,}"))
+    budget = run.get("budget", "params")
+    return {"kind": "forward_only", "name": f"the forward-only {estimator} search of hf_sparse.prune_model",
+            "tags": [t for t in (tag if count else None, "forward-only-pruning") if t], "rows": rows,
+            "source": f"counted by {run.get('recorded_by', 'hf_sparse.prune_model')}", "estimator": estimator,
+            "updates": count, "skipped": 0, "warmed_up": False, "fixed": True, "counted": True,
+            "start_text": _STARTS.get(str(run.get("start", "activation")), str(run.get("start"))),
+            "samples": int(run.get("num_samples") or 0), "recovery_steps": recovery_steps,
+            "budget_text": "kept parameters" if budget == "params" else "kept units"}

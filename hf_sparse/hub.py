@@ -287,7 +287,8 @@ def render_model_card(
     if speed_rows and hardware is None:
         hardware = describe_hardware()
     export_text, usage = _usage(export, class_name, repo_id)
-    is_hub_id = bool(base_model) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) is not None
+    is_hub_id = (bool(base_model) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base_model) is not None
+                 and not os.path.exists(base_model))  # a local folder named like a Hub id is not one
     fixed = masks_fixed(model) if is_sparsified(model) else True
     run = structure_run if structure_run is not None else getattr(model, STRUCTURE_RUN_ATTR, None)
     run = run if run is not None else schedule_plan(training_args)  # given, else recorded, else planned

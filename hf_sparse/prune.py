@@ -17,8 +17,9 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ from .forward_importance import ActivationImportance, spread_scores
 from .masks import fix_masks, masks_fixed
 from .model_state import STRUCTURE_RUN_ATTR, get_sparse_config, is_sparsified
 from .patching import sparsify_model, unsparsify_model
-from .structure import SparseStructure, sample_masks
+from .prune_data import batches
+from .structure import SparseStructure, check_keeps_a_level, sample_masks
 
 logger = logging.getLogger("hf_sparse.prune")
 
@@ -106,6 +108,11 @@ def prune_model(
     """
     _check_arguments(steps, batch_size, num_samples, learning_rate, calibration_batches, start, score_margin,
                      pooling, log_every)
+    if start == "uniform" and steps == 0:
+        raise ValueError("prune_model: start='uniform' with steps=0 would fix a mask chosen by ties (every unit "
+                         "starts alike); search (steps > 0) or start from 'activation' or 'magnitude'")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"prune_model: seed must be an integer, got {seed!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"prune_model: temperature must be a number > 0, got {temperature!r}")
     if lr_decay not in ("cosine", "constant"):
@@ -143,7 +150,8 @@ def prune_model(
         model.train(was_training)
     setattr(model, STRUCTURE_RUN_ATTR, {
         "forward_only": True, "search_steps": result.steps, "forward_passes": result.forward_passes,
-        "estimator": "vrpge", "start": start, "num_samples": num_samples, "recorded_by": "hf_sparse.prune_model"})
+        "estimator": "vrpge", "start": start, "num_samples": num_samples, "budget": get_sparse_config(model).budget,
+        "recorded_by": "hf_sparse.prune_model"})
     return (model, result) if return_result else model
 
 
@@ -180,53 +188,12 @@ def _check_arguments(steps, batch_size, num_samples, learning_rate, calibration_
         raise ValueError(f"prune_model: pooling must be in [0, 1], got {pooling!r}")
 
 
-def batches(model: nn.Module, dataset: Any, batch_size: int, data_collator: Callable | None, seed: int) -> Iterator[dict]:
-    """Endless batches of `dataset` on the model's device: a dataset is shuffled (from `seed`) and collated, an
-    iterable of batches is cycled."""
-    device = next(model.parameters()).device
-    if isinstance(dataset, (list, tuple)) and dataset and all(_is_batch(b) for b in dataset):
-        source: Iterable = list(dataset)
-    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        from torch.utils.data import DataLoader
-        from transformers import default_data_collator
-
-        if len(dataset) == 0:
-            raise ValueError("prune_model: the dataset is empty")
-        dataset = _model_columns(model, dataset)
-        source = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
-                            collate_fn=data_collator or default_data_collator,
-                            generator=torch.Generator().manual_seed(seed))
-    else:
-        source = list(dataset)
-        if not source:
-            raise ValueError("prune_model: the dataset yielded no batch")
-    while True:
-        for batch in source:
-            yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _is_batch(item: Any) -> bool:
-    return isinstance(item, dict) and any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in item.values())
-
-
-def _model_columns(model: nn.Module, dataset: Any) -> Any:
-    """A `datasets.Dataset` without the columns the model's forward does not take (text, ids of examples), as the
-    Trainer drops them (`remove_unused_columns`)."""
-    names = getattr(dataset, "column_names", None)
-    if not names:
-        return dataset
-    accepted = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", "labels"}
-    unused = [n for n in names if n not in accepted]
-    if len(unused) == len(names):
-        raise ValueError(f"prune_model: none of the dataset's columns {names} is an input of "
-                         f"{type(model).__name__}.forward; tokenize the dataset first")
-    return dataset.remove_columns(unused) if unused else dataset
-
-
 def _loss(model: nn.Module, batch: dict, loss_fn: Callable | None) -> float:
     if loss_fn is not None:
         loss = loss_fn(model, batch)
     else:
+        if "use_cache" not in batch and "use_cache" in inspect.signature(model.forward).parameters:
+            batch = dict(batch, use_cache=False)  # a causal LM would build a key/value cache it never reads
         loss = getattr(model(**batch), "loss", None)
         if loss is None:
             raise ValueError(f"prune_model: {type(model).__name__} returned no loss for a batch with keys "
@@ -243,10 +210,14 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
     model.eval()  # no dropout: the masks of one step see the same function of the same batch
     costs = structure.costs(config.budget)
     check_keeps_a_unit(costs, config.sparsity, what="prune_model: SparseConfig.sparsity")
+    if config.uniform_layers:
+        check_keeps_a_level(structure, costs, config.sparsity, what="prune_model: SparseConfig.sparsity")
+    if 1.0 - config.sparsity < margin:
+        raise ValueError(f"prune_model: score_margin={margin} keeps every unit with probability >= {margin}, more "
+                         f"than the budget's kept fraction {1.0 - config.sparsity:.4g}; lower score_margin")
     budget = (1.0 - config.sparsity) * float(costs.double().sum())
-    stream = batches(model, dataset, batch_size, data_collator, seed)
+    calibration, stream = batches(model, dataset, batch_size, data_collator, seed, calibration_batches)
     forwards = 0
-    calibration = [next(stream) for _ in range(calibration_batches)]
     structure.set_masks(torch.ones(structure.num_units))
     reader = ActivationImportance(model, structure)
     dense_losses = []
@@ -269,7 +240,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
     def topk_loss() -> float | None:
         if not calibration:
             return None
-        structure.set_masks(structure.topk_mask(costs, budget))
+        structure.set_masks(structure.topk_mask(costs, budget, uniform=config.uniform_layers))  # fix_masks' mask
         return sum(_loss(model, b, loss_fn) for b in calibration) / len(calibration)
 
     start_loss = topk_loss()
@@ -286,8 +257,31 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
     # below 100 on word_swap); decayed, the total movement is bounded and the last steps only refine
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))) if lr_decay == "cosine" else 1.0)
-    log: list[dict[str, float]] = []
     bar = _progress(steps, progress)
+    try:
+        log = _search(model, structure, stream, costs, budget, steps, num_samples, margin, pooling, seed, loss_fn,
+                      log_every, bar, release, param, optimizer, schedule)
+    finally:
+        if bar is not None:
+            bar.close()
+    forwards += steps * num_samples
+
+    final_loss = topk_loss()
+    forwards += len(calibration)
+    fix_masks(model, sparsity=config.sparsity)
+    peak = _peak_memory(next(model.parameters()).device)
+    logger.info("hf_sparse.prune_model: final top-K loss %s (start's %s), %d forward passes, %.1f s",
+                _fmt(final_loss), _fmt(start_loss), forwards, time.perf_counter() - t0)
+    return PruneResult(steps=steps, forward_passes=forwards, seconds=time.perf_counter() - t0, dense_loss=dense_loss,
+                       start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
+
+
+def _search(model, structure: SparseStructure, stream: Iterator[dict], costs: torch.Tensor, budget: float, steps: int,
+            num_samples: int, margin: float, pooling: float, seed: int, loss_fn, log_every: int, bar, release,
+            param: torch.nn.Parameter, optimizer, schedule) -> list[dict[str, float]]:
+    """The forward-only search: per step, `num_samples` masks of the scores, one batch through each, the VR-PGE
+    gradient, an Adam step, the projection onto the budget. Returns the log rows."""
+    log: list[dict[str, float]] = []
     window: list[tuple[float, float]] = []
     for step in range(steps):
         batch = next(stream)
@@ -298,7 +292,6 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
             structure.set_masks(m)
             losses.append(_loss(model, batch, loss_fn))
             release()
-        forwards += num_samples
         losses_t = torch.tensor(losses, dtype=torch.float32, device=structure.device)
         if not bool(torch.isfinite(losses_t).all()):
             raise FloatingPointError(f"prune_model: step {step} gave non-finite losses {losses}; the model does not "
@@ -326,21 +319,13 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
                 bar.set_postfix(loss=f"{row['loss']:.4f}", entropy=f"{row['mask_entropy']:.3f}")
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
-    final_loss = topk_loss()
-    forwards += len(calibration)
-    fix_masks(model, sparsity=config.sparsity)
-    peak = _peak_memory(next(model.parameters()).device)
-    logger.info("hf_sparse.prune_model: final top-K loss %s (start's %s), %d forward passes, %.1f s",
-                _fmt(final_loss), _fmt(start_loss), forwards, time.perf_counter() - t0)
-    return PruneResult(steps=steps, forward_passes=forwards, seconds=time.perf_counter() - t0, dense_loss=dense_loss,
-                       start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
+    return log
 
 
 def _onto_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, margin: float) -> torch.Tensor:
     """The projection onto the budget as an equality: above it, `project_to_budget` (one shift down for every
-    unit); below it, one shift up until the expected kept cost is the budget again. Why: the capped simplex only
+    unit); below it, one shift up of those projected scores until the expected kept cost is the budget again (a
+    heuristic, not the Euclidean projection: a unit Adam pushed under the margin comes back off it with the rest). Why: the capped simplex only
     bounds the kept cost from above, and noise in the estimate walks units off the margins inward, so the expected
     kept share drifted to 0.61 of a 0.70 budget on MiniLM in 300 steps: the sampled masks were sparser than the
     mask that will be fixed, and their losses measured the wrong operating point."""

@@ -96,34 +96,67 @@ def _tokenized(a: PruneArguments, examples, tokenizer, task: str, model_config):
             raise ValueError(f"hf-sparse prune: {flag} {name!r} is not a column of the data; its columns are "
                              f"{columns}")
     label2id = dict(getattr(model_config, "label2id", None) or {})
+    num_labels = int(getattr(model_config, "num_labels", 0) or 0)
+    remap = _class_label_map(examples, a.label_column, label2id) if task == "sequence_classification" else None
 
     def encode(batch):
         texts = [str(t) for t in batch[a.text_column]]
         pairs = [str(t) for t in batch[a.text_pair_column]] if a.text_pair_column else None
         out = tokenizer(texts, pairs, truncation=True, max_length=a.max_length)
         if task == "sequence_classification":
-            out["labels"] = [_label(v, label2id, a.label_column) for v in batch[a.label_column]]
+            out["labels"] = [_label(remap[v] if remap else v, label2id, a.label_column, num_labels)
+                             for v in batch[a.label_column]]
         return out
 
     return examples.map(encode, batched=True, remove_columns=columns)
 
 
-def _label(value, label2id: dict, column: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"hf-sparse prune: --label_column {column!r} holds {value!r}; labels are class ids or the "
-                         f"model's label names {sorted(label2id)}")
-    if isinstance(value, str) and not value.lstrip("-").isdigit():
-        if value not in label2id:
-            raise ValueError(f"hf-sparse prune: label {value!r} is not one of the model's labels {sorted(label2id)} "
-                             "(config.label2id); use those names or class ids")
+def _class_label_map(examples, column: str, label2id: dict) -> dict[int, int] | None:
+    """Dataset class ids -> the model's, by name, when the data's `ClassLabel` names the classes and the model's
+    config does too: the same names may come in another order (a dataset's [entailment, neutral, contradiction]
+    against a model's {0: contradiction, ...}), and ids taken as they are would train on the wrong labels."""
+    feature = getattr(examples, "features", {}).get(column)
+    names = list(getattr(feature, "names", None) or [])
+    custom = {k.lower(): v for k, v in label2id.items() if not k.upper().startswith("LABEL_")}
+    if not names or not custom:
+        return None
+    missing = [n for n in names if n.lower() not in custom]
+    if missing:
+        raise ValueError(f"hf-sparse prune: the data's classes {names} are not all among the model's labels "
+                         f"{sorted(label2id)} (config.label2id): {missing} have no match; relabel the data")
+    return {i: int(custom[n.lower()]) for i, n in enumerate(names)}
+
+
+def _label(value, label2id: dict, column: str, num_labels: int) -> int | float:
+    if num_labels == 1:  # a regression head
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"hf-sparse prune: the model has one output (regression); --label_column {column!r} "
+                             f"holds {value!r}, not a number") from None
+    if isinstance(value, str) and value in label2id:  # a label name (even one made of digits)
         return int(label2id[value])
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+            isinstance(value, str) and not value.lstrip("-").isdigit()):
+        raise ValueError(f"hf-sparse prune: label {value!r} in --label_column {column!r} is neither a class id nor one "
+                         f"of the model's labels {sorted(label2id)} (config.label2id)")
+    label = int(value)
+    if num_labels and not 0 <= label < num_labels:
+        raise ValueError(f"hf-sparse prune: label {label} in --label_column {column!r} is not a class id of a model "
+                         f"with {num_labels} labels (0 to {num_labels - 1})")
+    return label
 
 
 def run(a: PruneArguments):
     """Load, prune, export and card one model as `a` says; returns the `PruneResult`."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorForLanguageModeling, DataCollatorWithPadding)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        DataCollatorWithPadding,
+    )
 
     from .config import SparseConfig
     from .export import export_model
@@ -136,6 +169,9 @@ def run(a: PruneArguments):
     task = _task_of(a, model_config)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"hf-sparse prune: the tokenizer of {a.model} has neither a pad nor an eos token, so "
+                             "batches cannot be padded; add one (tokenizer.add_special_tokens) and save it first")
         tokenizer.pad_token = tokenizer.eos_token
     examples = _tokenized(a, _load_examples(a), tokenizer, task, model_config)
     if task == "causal_lm":
@@ -144,13 +180,14 @@ def run(a: PruneArguments):
     else:
         model = AutoModelForSequenceClassification.from_pretrained(a.model)
         collator = DataCollatorWithPadding(tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:  # GPT-2 / Llama classifiers find the last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
     model, result = prune_model(model, examples, config, steps=a.steps, batch_size=a.batch_size,
                                 data_collator=collator, num_samples=a.num_samples, learning_rate=a.learning_rate,
                                 calibration_batches=a.calibration_batches, seed=a.seed, return_result=True)
     out = export_model(model, a.output_dir, export=a.export, overwrite=a.overwrite_output_dir)
     tokenizer.save_pretrained(out)
-    save_model_card(model, out, base_model=a.model, export=a.export,
-                    dataset=a.dataset_name or os.path.basename(a.train_file))
+    save_model_card(model, out, base_model=a.model, export=a.export, dataset=a.dataset_name)
     with open(os.path.join(out, "prune_result.json"), "w", encoding="utf-8") as f:
         json.dump({**result.to_dict(), "arguments": vars(a)}, f, indent=1)
     logging.getLogger("hf_sparse.prune").info(

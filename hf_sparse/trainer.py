@@ -29,6 +29,7 @@ from .config import SparseConfig
 from .distill import Distiller, check_teacher, distiller_from_args, frozen_copy
 from .dropped import FrozenUnits
 from .estimator import disarm_gradient, pool_by_group, vrpge_gradient
+from .model_state import STRUCTURE_RUN_ATTR
 from .patching import get_sparse_config, is_sparsified, sparsify_model, unsparsify_model
 from .precision import upcast_heads
 from .shared_dropout import SharedDropout, rng_state, set_rng_state
@@ -108,6 +109,8 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, Checkpoin
         self._target_budget = (1.0 - self.sparse_config.sparsity) * self._total_budget
         # A model whose mask was frozen by `fix_masks` (e.g. reloaded to train on) stays on that mask.
         self._fixed_from_start = all(bool(g.fixed) for g in self.structure)
+        # how that mask was chosen, if it was recorded (prune_model's record), for the card of the recovery run
+        self._mask_from = getattr(model, STRUCTURE_RUN_ATTR, None) if self._fixed_from_start else None
         self._initial_mask = self.structure.masks().clone()
         self._topk_cache: tuple | None = None
         self.structure_optimizer: torch.optim.Optimizer | None = None

@@ -99,6 +99,7 @@ class MetricsMixin:
             "structure_updates": int(s.get("structure_updates", 0)),
             "skipped_updates": int(s.get("skipped_updates", 0)),
             "fixed_from_start": bool(self._fixed_from_start),
+            "mask_from": getattr(self, "_mask_from", None),
             "estimator": a.estimator,
             "mask_samples": int(a.mask_samples),
             "importance_ranking": a.importance_ranking,

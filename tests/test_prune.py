@@ -153,9 +153,37 @@ def test_a_loss_fn_and_a_card_that_says_forward_only(tmp_path):
     assert model.training
     assert len(calls) == 1 + 1 + 3 * 4 + 1 and not any(calls)
     card = hs.render_model_card(model, base_model="tiny-bert").content
-    assert "forward passes alone" in card and "3 steps" in card
+    assert "forward passes alone" in card and "3 steps" in card and "activation x weight" in card
     assert "forward-only-pruning" in card and "vr-pge" in card
     assert "did not come from that paper's policy-gradient search" not in card
+
+
+@pytest.mark.parametrize("start, steps, says", [
+    ("magnitude", 2, "each unit's weight norm"),
+    ("activation", 0, "fixed without a search (0 steps)"),
+])
+def test_the_card_names_the_start_and_a_search_of_no_steps(start, steps, says):
+    model = tiny_model("llama")
+    hs.prune_model(model, _lm_batches("llama"), hs.SparseConfig(sparsity=0.5, budget="units"), steps=steps,
+                   start=start, calibration_batches=1, progress=False)
+    card = hs.render_model_card(model, base_model="tiny-llama").content
+    assert says in card
+    assert ("one global budget of kept units" in card) == (steps > 0)  # SparseConfig(budget="units")
+    assert ("activation x weight" in card) == (start == "activation")
+    assert ("did not come from that paper's policy-gradient search" in card) == (steps == 0)
+    assert ("vr-pge" in card) == (steps > 0)
+
+
+def test_a_recovery_run_keeps_the_pruning_record_on_the_card(tmp_path):
+    model = tiny_model("llama")
+    batches = _lm_batches("llama", n=4)
+    hs.prune_model(model, batches, hs.SparseConfig(sparsity=0.5), steps=2, calibration_batches=1, progress=False)
+    args = hs.SparseTrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                      report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    data = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    hs.SparseTrainer(model=model, args=args, train_dataset=data).train()
+    card = hs.render_model_card(model, base_model="tiny-llama").content
+    assert "forward passes alone" in card and "2 training steps" in card and "recovery" in card
 
 
 def test_the_cli_prunes_a_saved_classifier_from_a_csv(tmp_path):
@@ -226,3 +254,143 @@ def test_the_cli_prunes_a_causal_lm_from_a_text_file(tmp_path):
     plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # a plain export: no hf_sparse needed
     zero_columns = (plain.model.layers[0].mlp.down_proj.weight.abs().sum(0) == 0).sum()
     assert 0 < int(zero_columns) < 64  # the dropped neurons are explicit zeros
+
+
+def test_a_dead_unit_does_not_flatten_the_start_of_the_live_ones():
+    costs = torch.ones(64)
+    importance = torch.linspace(1.0, 10.0, 64)
+    live = spread_scores(importance, costs, 32.0, group_sizes=[64], temperature=3.0)
+    importance[:2] = 0.0  # two neurons never active
+    with_dead = spread_scores(importance, costs, 32.0, group_sizes=[64], temperature=3.0)
+    assert float(with_dead[2:].max() - with_dead[2:].min()) > 0.8 * float(live.max() - live.min())
+    assert float(with_dead[:2].max()) <= float(with_dead[2:].min()) + 1e-6  # dead units at the bottom
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_activation_x_weight_importance_matches_a_hand_computation(arch):
+    from hf_sparse.forward_importance import ActivationImportance
+    from hf_sparse.layers import SparseLinear
+
+    for granularity in (["neuron", "head"], ["weight"]):
+        model = tiny_model(arch)
+        hs.sparsify_model(model, hs.SparseConfig(granularity=granularity))
+        structure = hs.SparseStructure(model)
+        reader = ActivationImportance(model, structure)
+        seen = {}
+        layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        hooks = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(id(m), []).append(a[0].detach()))
+                 for m in layers]
+        inputs = tiny_inputs(arch, batch=3, seq=5)
+        with torch.no_grad(), reader.track():
+            model(**inputs)
+        for h in hooks:
+            h.remove()
+        got = dict(zip([id(g) for g in structure], structure.split(reader.flat())))
+        for layer in layers:
+            if granularity == ["weight"] or layer.role == "in":
+                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[id(layer)]]).double()
+                x_norm = x.pow(2).sum(0).sqrt()
+                w = layer.weight.detach().double()
+                if granularity == ["weight"]:  # |W_ij| * ||X_j||, one unit per stored weight
+                    expected = (w.abs() * (x_norm[:, None] if layer.transposed else x_norm[None, :])).reshape(-1)
+                else:  # sum over a unit's input columns of ||X_col|| * ||W[:, col]||
+                    w = w.t() if layer.transposed else w
+                    expected = (w.pow(2).sum(0).sqrt() * x_norm).view(layer.group.num_units, -1).sum(1)
+                torch.testing.assert_close(got[id(layer.group)], expected, rtol=1e-6, atol=1e-9)  # (x^2 summed in float32)
+
+
+def _bpe_classifier(tmp_path, arch: str = "gpt2", num_labels: int = 2, label_names=None):
+    import transformers as tf
+
+    from hf_sparse.tasks.lm import train_bpe_tokenizer
+
+    lines = [f"verse {i} spoken by the {i % 3}rd player" for i in range(40)]
+    tokenizer = train_bpe_tokenizer(lines, vocab_size=300)
+    config = tf.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64,
+                           num_labels=num_labels, pad_token_id=None)
+    if label_names:
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+    model = tf.GPT2ForSequenceClassification(config)
+    model.config.architectures = ["GPT2ForSequenceClassification"]
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    return lines
+
+
+def test_the_cli_prunes_a_gpt2_classifier_whose_config_has_no_pad_token(tmp_path, monkeypatch):
+    from hf_sparse.cli import main
+
+    lines = _bpe_classifier(tmp_path)
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(lines)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)  # "clf": a relative local folder, spelled like a Hub id
+    assert main(["prune", "--model", "clf", "--train_file", str(tmp_path / "train.jsonl"),
+                 "--steps", "2", "--batch_size", "4", "--calibration_batches", "1", "--output_dir", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "pruned with hf_sparse from forward passes only" in card
+    assert "base_model:" not in card.split("---")[1]  # a local folder is not a Hub id in the card's metadata
+    rows[3]["label"] = 5
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match="label 5 .* is not a class id of a model with 2 labels"):
+        main(["prune", "--model", str(tmp_path / "clf"), "--train_file", str(tmp_path / "bad.jsonl"),
+              "--output_dir", str(tmp_path / "out2")])
+
+
+def test_class_names_of_the_data_are_mapped_to_the_model_s_ids():
+    import datasets
+
+    from hf_sparse.prune_cli import _class_label_map
+
+    data = datasets.Dataset.from_dict({"label": [0, 1, 2]}, features=datasets.Features(
+        {"label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])}))
+    model_labels = {"CONTRADICTION": 0, "NEUTRAL": 1, "ENTAILMENT": 2}
+    assert _class_label_map(data, "label", model_labels) == {0: 2, 1: 1, 2: 0}
+    assert _class_label_map(data, "label", {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}) is None  # unnamed: ids
+    with pytest.raises(ValueError, match="have no match"):
+        _class_label_map(data, "label", {"yes": 0, "no": 1, "maybe": 2})
+
+
+def _examples(n: int, seq: int = 6) -> list[dict]:
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, VOCAB, (seq,), generator=torch.Generator().manual_seed(i))
+        out.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids.clone()})
+    return out
+
+
+def test_the_search_never_sees_the_calibration_examples_even_after_an_epoch():
+    model = tiny_model("llama")
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append({tuple(row.tolist()) for row in batch["input_ids"]})
+        return m(**batch).loss
+
+    hs.prune_model(model, _examples(16), hs.SparseConfig(sparsity=0.5), steps=5, num_samples=2, batch_size=4,
+                   calibration_batches=2, loss_fn=loss_fn, progress=False)
+    calibration = calls[0] | calls[1]
+    searched = set().union(*calls[4:-2])  # after 2 dense and 2 start-check forwards, before the final check
+    assert len(calibration) == 8 and len(searched) == 8  # 5 steps of 4 examples: the 8 others, twice and more
+    assert not calibration & searched
+    assert calls[-2] | calls[-1] == calibration  # the final mask is compared on the calibration batches
+
+
+def test_an_iterable_dataset_of_examples_is_batched_and_a_dict_of_splits_refused():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_examples(12))
+
+    model = tiny_model("llama")
+    shapes = []
+
+    def loss_fn(m, batch):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return m(**batch).loss
+
+    hs.prune_model(model, Stream(), hs.SparseConfig(sparsity=0.5), steps=4, batch_size=4, calibration_batches=1,
+                   loss_fn=loss_fn, progress=False)
+    assert set(shapes) == {(4, 6)}  # batches of 4 examples, read again from the start when the stream ended
+    with pytest.raises(ValueError, match=r"dict of splits \['test', 'train'\]; pass one split"):
+        hs.prune_model(tiny_model("llama"), {"train": _examples(4), "test": _examples(4)}, steps=1, progress=False)
