@@ -284,7 +284,7 @@ def check_command(cmd: Command) -> tuple[list[str], list[argparse.ArgumentParser
             return [f"{where}: pyproject.toml has no hf-sparse console script"], []
         if len(tokens) < 2 or tokens[1].startswith("-"):
             return [], []
-        if tokens[1] != "bench":
+        if tokens[1] not in ("bench", "prune"):
             return [f"{where}: hf-sparse has no subcommand {tokens[1]!r}"], []
         parser = hf_sparse_parser(tokens[1])
         return check_args(parser, tokens[2:], where), [parser]
