@@ -20,7 +20,7 @@ def schedule_plan(args: Any) -> dict[str, Any] | None:
 
 
 def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None = None) -> dict[str, Any]:
-    """How the structure was chosen, for the card: its `kind` (search, forward_only, taylor, given, initial,
+    """How the structure was chosen, for the card: its `kind` (search, forward_only, taylor, taylor_forward_search, given, initial,
     warmup_only, no_steps, stated, unknown), `name`, `tags`, step-count `rows` and their `source`. `run`: what
     `SparseTrainer.structure_run()` returns, a dict with its keys (`importance_warmup_steps`, `search_steps`,
     `fixed_steps`, `estimator`, ...), a string naming the method, or None. Only a search tags the estimator."""
@@ -45,6 +45,10 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     elif search > 0:
         kind, tags = "search", [t for t in (tag, "taylor-importance" if warmup else None) if t]
         name = f"the {estimator} search" + (", after an informed start from the Taylor importance" if warmup else "")
+    elif warmup > 0 and fixed > 0 and int(run.get("forward_search_steps") or 0) > 0:
+        kind, tags = "taylor_forward_search", ["taylor-importance", tag or "vr-pge", "forward-only-search"]
+        name = (f"the Taylor importance read in a dense warm-up, then {int(run['forward_search_steps'])} steps of a "
+                f"forward-only {estimator} search on the weights of that moment; its top-K mask fixed")
     elif warmup > 0 and fixed > 0:
         kind, tags = "taylor", ["taylor-importance"]
         name = "the Taylor importance read in a dense warm-up, then the top-K mask fixed without a search"
@@ -66,7 +70,8 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
               else "as stated by the caller")
     return {"kind": kind, "name": name, "tags": tags, "rows": rows, "source": source, "estimator": estimator,
             "updates": int(run.get("structure_updates", search) or 0), "skipped": int(run.get("skipped_updates") or 0),
-            "warmed_up": warmup > 0, "fixed": fixed > 0, "counted": not planned and bool(run.get("recorded_by"))}
+            "warmed_up": warmup > 0, "fixed": fixed > 0, "counted": not planned and bool(run.get("recorded_by")),
+            "forward_search_steps": int(run.get("forward_search_steps") or 0)}
 
 
 def _cell(text: str) -> str:

@@ -206,7 +206,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
            loss_fn, num_samples, learning_rate, calibration_batches, start, margin, pooling, temperature,
            lr_decay, seed, log_every, progress) -> PruneResult:
     t0 = time.perf_counter()
-    release = _heap_release(next(model.parameters()).device)
+    release = heap_release(next(model.parameters()).device)
     model.eval()  # no dropout: the masks of one step see the same function of the same batch
     costs = structure.costs(config.budget)
     check_keeps_a_unit(costs, config.sparsity, what="prune_model: SparseConfig.sparsity")
@@ -234,7 +234,8 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
         importance = unit_magnitudes(model, structure).double() * structure.params_per_unit().double().sqrt()
     else:
         importance = torch.ones(structure.num_units, dtype=torch.float64)
-    scores = spread_scores(importance, costs, budget, structure.sizes, margin=margin, temperature=temperature).to(structure.device)
+    scores = spread_scores(importance, costs, budget, structure.sizes, margin=margin, temperature=temperature)
+    scores = scores.to(structure.device)
     structure.set_scores(scores)
 
     def topk_loss() -> float | None:
@@ -259,7 +260,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
         optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))) if lr_decay == "cosine" else 1.0)
     bar = _progress(steps, progress)
     try:
-        log = _search(model, structure, stream, costs, budget, steps, num_samples, margin, pooling, seed, loss_fn,
+        log = search_scores(model, structure, stream, costs, budget, steps, num_samples, margin, pooling, seed, loss_fn,
                       log_every, bar, release, param, optimizer, schedule)
     finally:
         if bar is not None:
@@ -276,9 +277,10 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
                        start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
 
 
-def _search(model, structure: SparseStructure, stream: Iterator[dict], costs: torch.Tensor, budget: float, steps: int,
-            num_samples: int, margin: float, pooling: float, seed: int, loss_fn, log_every: int, bar, release,
-            param: torch.nn.Parameter, optimizer, schedule) -> list[dict[str, float]]:
+def search_scores(model, structure: SparseStructure, stream: Iterator[dict], costs: torch.Tensor, budget: float,
+                  steps: int, num_samples: int, margin: float, pooling: float, seed: int, loss_fn, log_every: int, bar,
+                  release, param: torch.nn.Parameter, optimizer, schedule,
+                  reduce: Callable | None = None) -> list[dict[str, float]]:
     """The forward-only search: per step, `num_samples` masks of the scores, one batch through each, the VR-PGE
     gradient, an Adam step, the projection onto the budget. Returns the log rows."""
     log: list[dict[str, float]] = []
@@ -293,6 +295,9 @@ def _search(model, structure: SparseStructure, stream: Iterator[dict], costs: to
             losses.append(_loss(model, batch, loss_fn))
             release()
         losses_t = torch.tensor(losses, dtype=torch.float32, device=structure.device)
+        if reduce is not None:  # data-parallel ranks: the mean over every rank's batch (the masks are the same)
+            losses_t = reduce(losses_t)
+            losses = losses_t.tolist()
         if not bool(torch.isfinite(losses_t).all()):
             raise FloatingPointError(f"prune_model: step {step} gave non-finite losses {losses}; the model does not "
                                      "run in this precision on these masks (try float32)")
@@ -325,10 +330,10 @@ def _search(model, structure: SparseStructure, stream: Iterator[dict], costs: to
 def _onto_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, margin: float) -> torch.Tensor:
     """The projection onto the budget as an equality: above it, `project_to_budget` (one shift down for every
     unit); below it, one shift up of those projected scores until the expected kept cost is the budget again (a
-    heuristic, not the Euclidean projection: a unit Adam pushed under the margin comes back off it with the rest). Why: the capped simplex only
-    bounds the kept cost from above, and noise in the estimate walks units off the margins inward, so the expected
-    kept share drifted to 0.61 of a 0.70 budget on MiniLM in 300 steps: the sampled masks were sparser than the
-    mask that will be fixed, and their losses measured the wrong operating point."""
+    heuristic, not the Euclidean projection: a unit Adam pushed under the margin comes back off it with the rest).
+    Why: the capped simplex only bounds the kept cost from above, and noise in the estimate walks units off the
+    margins inward, so the expected kept share drifted to 0.61 of a 0.70 budget on MiniLM in 300 steps: the sampled
+    masks were sparser than the mask that will be fixed, and their losses measured the wrong operating point."""
     projected = project_to_budget(z, costs, budget, weights=costs, margin=margin)
     c = costs.double()
     if float((c * projected.double()).sum()) >= budget * (1 - 1e-9):
@@ -341,7 +346,7 @@ def _onto_budget(z: torch.Tensor, costs: torch.Tensor, budget: float, margin: fl
     return (projected + lo).clamp(margin, 1 - margin).to(z.dtype)
 
 
-def _heap_release(device: torch.device) -> Callable[[], None]:
+def heap_release(device: torch.device) -> Callable[[], None]:
     """On CPU under glibc: hand the freed heap back after each masked forward. Every sampled mask has its own kept
     sizes, so every forward frees and allocates blocks of new shapes, and glibc keeps the freed ones mapped: the
     process grew by ~50 MiB a forward on MiniLM at batch 32 x 128 (917 MiB over inference after 46 forwards), with

@@ -36,6 +36,7 @@ from .shared_dropout import SharedDropout, rng_state, set_rng_state
 from .structure import SparseStructure, sample_masks
 from .trainer_checkpoint import CheckpointMixin
 from .trainer_faults import NONFINITE_UPDATES_TO_STOP, FaultsMixin
+from .trainer_forward_search import ForwardSearchMixin
 from .trainer_importance import ImportanceMixin
 from .trainer_metrics import MetricsMixin
 from .trainer_schedule import ScheduleMixin
@@ -44,7 +45,7 @@ from .training_args import SparseTrainingArguments, as_sparse_args
 logger = logging.get_logger(__name__)
 
 
-class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, CheckpointMixin, MetricsMixin, EnginesMixin):
+class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, ForwardSearchMixin, CheckpointMixin, MetricsMixin, EnginesMixin):
     """The structure learning of `SparseTrainer`, before any `Trainer` subclass in the bases (`sparse_trainer_class`);
     its args: the base's config class plus the structure options (`sparse_args_class`)."""
 

@@ -63,6 +63,9 @@ class ImportanceMixin:
                                         band=self.args.importance_band, group_sizes=sizes,
                                         explore=self.args.importance_explore)
         self.structure.set_scores(scores)
+        if self.args.forward_search_steps:
+            self._forward_search(importance.to(self.structure.device), step)  # (trainer_forward_search.py)
+            scores = self.structure.scores()
         logger.info(
             f"SparseTrainer: informed start after {self._importance.steps} dense steps: "
             f"{float((scores >= 1).float().mean()):.1%} of units start kept, {float((scores <= 0).float().mean()):.1%} "

@@ -97,6 +97,7 @@ class MetricsMixin:
             "recorded_by": type(self).__name__,
             **{f"{kind}_steps": int(s.get(f"{kind}_steps", 0)) for kind in STEP_KINDS},
             "structure_updates": int(s.get("structure_updates", 0)),
+            "forward_search_steps": int(s.get("forward_search_steps", 0)),
             "skipped_updates": int(s.get("skipped_updates", 0)),
             "fixed_from_start": bool(self._fixed_from_start),
             "mask_from": getattr(self, "_mask_from", None),

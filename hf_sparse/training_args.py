@@ -81,6 +81,11 @@ class StructureArguments:
         importance_explore (`float`, defaults to `0.0`):
             Mix this share of the uniform keep probability into the informed start (same budget), so that no
             unit starts at exactly 0 or 1, where the score-function gradient is 0 and the search cannot move it.
+        forward_search_steps (`int`, defaults to `0`):
+            With importance_warmup: at the end of the warm-up, this many steps of the forward-only VR-PGE search of
+            `hf_sparse.prune_model` on the weights of that moment (frozen, eval mode, no backward; 4 masks a step
+            on training batches), from the Taylor importance spread off 0 and 1, before the informed start's mask
+            is used. `0`: off (the Taylor ranking alone).
         importance_ranking (`str`, defaults to `"group"`):
             `"group"`: rank units within their own group (every layer starts near the kept fraction);
             `"global"`: one ranking over the model (early layers' larger derivatives then win).
@@ -156,6 +161,12 @@ class StructureArguments:
         default=0.25,
         metadata={"help": "With importance_warmup: the share of the total cost left uncertain (0 < p < 1) around "
                           "the budget's edge at the informed start; the rest starts kept (p=1) or dropped (p=0)."},
+    )
+    forward_search_steps: int = field(
+        default=0,
+        metadata={"help": "With importance_warmup: steps of the forward-only VR-PGE search (prune_model's, on the "
+                          "frozen weights of that moment) at the end of the warm-up, from the Taylor importance. "
+                          "0: off."},
     )
     importance_explore: float = field(
         default=0.0,
@@ -278,6 +289,12 @@ class StructureArguments:
             raise ValueError(f"score_margin must be in [0, 0.5), got {self.score_margin}; e.g. --score_margin 0.02")
         if not 0.0 <= self.structure_pooling <= 1.0:
             raise ValueError(f"structure_pooling must be in [0, 1], got {self.structure_pooling}")
+        if isinstance(self.forward_search_steps, bool) or not isinstance(self.forward_search_steps, int) \
+                or self.forward_search_steps < 0:
+            raise ValueError(f"forward_search_steps must be an integer >= 0, got {self.forward_search_steps!r}")
+        if self.forward_search_steps and self.importance_warmup <= 0:
+            raise ValueError("forward_search_steps searches from the Taylor importance of the warm-up: set "
+                             "importance_warmup > 0 (e.g. --importance_warmup 0.5), or forward_search_steps 0")
         if not 0.0 <= self.importance_explore < 1.0:
             raise ValueError(f"importance_explore must be in [0, 1), got {self.importance_explore}")
         if self.importance_warmup > 0 and self.budget_schedule_end > self.importance_warmup:

@@ -394,3 +394,31 @@ def test_an_iterable_dataset_of_examples_is_batched_and_a_dict_of_splits_refused
     assert set(shapes) == {(4, 6)}  # batches of 4 examples, read again from the start when the stream ended
     with pytest.raises(ValueError, match=r"dict of splits \['test', 'train'\]; pass one split"):
         hs.prune_model(tiny_model("llama"), {"train": _examples(4), "test": _examples(4)}, steps=1, progress=False)
+
+
+def test_the_trainer_can_choose_its_mask_by_a_forward_only_search_at_the_end_of_its_warmup(tmp_path):
+    def run(search_steps: int):
+        model = tiny_model("llama")
+        batches = _lm_batches("llama", n=4)
+        data = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+        args = hs.SparseTrainingArguments(output_dir=str(tmp_path / str(search_steps)), max_steps=4,
+                                          per_device_train_batch_size=4, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True, seed=0, importance_warmup=0.5,
+                                          budget_schedule_start=0.5, budget_schedule_end=0.5, fix_masks_at=0.5,
+                                          forward_search_steps=search_steps)
+        trainer = hs.SparseTrainer(model=model, args=args, train_dataset=data,
+                                   sparse_config=hs.SparseConfig(sparsity=0.5))
+        trainer.train()
+        return model, trainer
+
+    plain, _ = run(0)
+    searched, trainer = run(6)
+    assert trainer.structure_run()["forward_search_steps"] == 6
+    moved = hs.SparseStructure(searched).scores()
+    assert not torch.equal(moved, hs.SparseStructure(plain).scores())  # the search chose the probabilities
+    assert bool(((moved > 0) & (moved < 1)).all())  # spread off 0 and 1 (the ramp start leaves most at the bounds)
+    card = hs.render_model_card(searched, base_model="tiny-llama").content
+    assert "6 steps of a" in card and "forward-only" in card and "vr-pge" in card
+    with pytest.raises(ValueError, match="forward_search_steps searches from the Taylor importance"):
+        hs.SparseTrainingArguments(output_dir=str(tmp_path), importance_warmup=0.0, budget_schedule_start=0.0,
+                                   budget_schedule_end=0.0, fix_masks_at=0.0, forward_search_steps=3)
