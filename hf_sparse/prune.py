@@ -224,6 +224,7 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
     with reader.track():
         for batch in calibration:
             dense_losses.append(_loss(model, batch, loss_fn))
+            release()
             forwards += 1
     dense_loss = sum(dense_losses) / len(dense_losses) if dense_losses else None
     if start == "activation":
@@ -242,7 +243,11 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
         if not calibration:
             return None
         structure.set_masks(structure.topk_mask(costs, budget, uniform=config.uniform_layers))  # fix_masks' mask
-        return sum(_loss(model, b, loss_fn) for b in calibration) / len(calibration)
+        total = 0.0
+        for b in calibration:
+            total += _loss(model, b, loss_fn)
+            release()
+        return total / len(calibration)
 
     start_loss = topk_loss()
     forwards += len(calibration)
