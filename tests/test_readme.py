@@ -11,12 +11,18 @@ def readme():
         return f.read()
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
-    section = readme().split("## In Python", 1)[1]
+def run_readme_example(heading: str, tmp_path, monkeypatch) -> dict:
+    """Run the first Python block under `heading` in `tmp_path`; returns its namespace."""
+    section = readme().split(heading, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
     exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    namespace = run_readme_example("## In Python", tmp_path, monkeypatch)
     model = namespace["model"]
     report = namespace["sparsity_report"](model)
     assert str(report) in capsys.readouterr().out  # what it prints is the trained model's report
@@ -51,11 +57,7 @@ def test_readme_setup_commands_match_ci():
 
 
 def test_readme_prune_example_runs(tmp_path, monkeypatch):
-    section = readme().split("## Prune a trained model from forward passes only", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "__readme__"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace = run_readme_example("## Prune a trained model from forward passes only", tmp_path, monkeypatch)
     import torch
 
     import hf_sparse as hs
