@@ -223,15 +223,17 @@ def _collator(tokenizer, data=None):
     return DataCollatorWithPadding(tokenizer)
 
 
-def recover(model, data, tokenizer, steps: int, seed: int) -> float:
-    """The same short recovery for every method: SparseTrainer with the mask fixed (only the kept units train)."""
+def recover(model, data, tokenizer, steps: int, seed: int, teacher=None) -> float:
+    """The same short recovery for every method: SparseTrainer with the mask fixed (only the kept units train);
+    with `teacher` (the unpruned model), distilled from it (`distill_from="model"`)."""
     import hf_sparse as hs
 
     args = hs.SparseTrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=32,
                                       learning_rate=5e-5, warmup_steps=0.1, weight_decay=0.01, save_strategy="no",
-                                      report_to=[], disable_tqdm=True, seed=seed, use_cpu=True, logging_steps=steps)
+                                      report_to=[], disable_tqdm=True, seed=seed, use_cpu=True, logging_steps=steps,
+                                      distill_from="model" if teacher is not None else "none")
     trainer = hs.SparseTrainer(model=model, args=args, train_dataset=data["train"], processing_class=tokenizer,
-                               data_collator=_collator(tokenizer, data["train"]))
+                               data_collator=_collator(tokenizer, data["train"]), teacher_model=teacher)
     trainer.train()
     return accuracy(model, data["test"], tokenizer)
 
@@ -249,6 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration_batches", type=int, default=8)
     p.add_argument("--recovery_steps", type=int, default=50)
     p.add_argument("--tag", default="", help="names a variant's cached rows")
+    p.add_argument("--table_only", action="store_true", help="print the table of the cached rows; run nothing")
+    p.add_argument("--recovery_distill", action="store_true",
+                   help="the recovery distills from the unpruned model (rows labelled <method>-rdistill)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/hf_sparse/prune_study"))
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "prune_study"))
@@ -259,9 +264,14 @@ def main(argv=None) -> int:
     table: dict = {}
     for task in a.tasks:
         for seed in a.seeds:
-            base, tokenizer, data = (lm_model(seed, a.cache) if task == LM_TASK
-                                     else dense_model(task, seed, a.cache))
+            if a.table_only:
+                base = tokenizer = data = None
+            else:
+                base, tokenizer, data = (lm_model(seed, a.cache) if task == LM_TASK
+                                         else dense_model(task, seed, a.cache))
             dense_path = os.path.join(a.out, f"{task}__dense__seed{seed}.json")
+            if a.table_only and not os.path.exists(dense_path):
+                continue
             if not os.path.exists(dense_path):
                 with open(dense_path, "w") as f:
                     acc, loss = evaluate(base, data["test"], tokenizer)
@@ -271,13 +281,17 @@ def main(argv=None) -> int:
             for sparsity in a.sparsity:
                 for method in a.methods:
                     label = f"{method}{'-' + a.tag if a.tag and method.startswith('prune_model') else ''}"
+                    label += "-rdistill" if a.recovery_distill else ""
                     path = os.path.join(a.out, f"{task}__{label}__{sparsity}__seed{seed}.json")
+                    if a.table_only and not os.path.exists(path):
+                        continue
                     if not os.path.exists(path):
                         print(f"running {os.path.basename(path)}", flush=True)
                         model = copy.deepcopy(base)
                         row = prune(method, model, data, tokenizer, sparsity, seed, a)
                         row["accuracy"], row["test_loss"] = evaluate(model, data["test"], tokenizer)
-                        row["recovered_accuracy"] = recover(model, data, tokenizer, a.recovery_steps, seed)
+                        row["recovered_accuracy"] = recover(model, data, tokenizer, a.recovery_steps, seed,
+                                                            teacher=base if a.recovery_distill else None)
                         row["sparsity"] = sparsity
                         row["command"] = command
                         row["settings"] = {k: getattr(a, k) for k in ("prune_batch", "num_samples", "prune_lr",

@@ -85,7 +85,8 @@ class StructureArguments:
             With importance_warmup: at the end of the warm-up, this many steps of the forward-only VR-PGE search of
             `hf_sparse.prune_model` on the weights of that moment (frozen, eval mode, no backward; 4 masks a step
             on training batches), from the Taylor importance spread off 0 and 1, before the informed start's mask
-            is used. `0`: off (the Taylor ranking alone).
+            is used. `0`: off (the Taylor ranking alone), the default: 50 steps measured -0.7 / +0.3 points against
+            none on the structure tasks for 14% more training FLOPs (docs/structure_tasks.md).
         importance_ranking (`str`, defaults to `"group"`):
             `"group"`: rank units within their own group (every layer starts near the kept fraction);
             `"global"`: one ranking over the model (early layers' larger derivatives then win).
