@@ -291,7 +291,8 @@ def main(argv=None) -> int:
                         row = prune(method, model, data, tokenizer, sparsity, seed, a)
                         row["accuracy"], row["test_loss"] = evaluate(model, data["test"], tokenizer)
                         row["recovered_accuracy"] = recover(model, data, tokenizer, a.recovery_steps, seed,
-                                                            teacher=base if a.recovery_distill else None)
+                                                            teacher=copy.deepcopy(base) if a.recovery_distill
+                                                            else None)  # (the trainer freezes its teacher)
                         row["sparsity"] = sparsity
                         row["command"] = command
                         row["settings"] = {k: getattr(a, k) for k in ("prune_batch", "num_samples", "prune_lr",
