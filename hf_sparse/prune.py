@@ -13,6 +13,7 @@ card and `push_sparse_to_hub` take it as it is).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -37,6 +38,8 @@ from .structure import SparseStructure, check_keeps_a_level, sample_masks
 logger = logging.getLogger("hf_sparse.prune")
 
 STARTS = ("activation", "magnitude", "uniform")
+# The search's defaults, shared with SparseTrainer's `forward_search_steps` (docs/prune.md: where they came from)
+SAMPLES, LEARNING_RATE, TEMPERATURE, MARGIN = 4, 0.02, 3.0, 0.02
 
 
 @dataclass
@@ -62,17 +65,17 @@ def prune_model(
     dataset: Any,
     config: SparseConfig | None = None,
     *,
-    steps: int = 200,
+    steps: int = 300,
     batch_size: int = 16,
     data_collator: Callable | None = None,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
-    num_samples: int = 4,
-    learning_rate: float = 0.02,
+    num_samples: int = SAMPLES,
+    learning_rate: float = LEARNING_RATE,
     calibration_batches: int = 8,
     start: str = "activation",
-    score_margin: float = 0.02,
+    score_margin: float = MARGIN,
     pooling: float = 0.0,
-    temperature: float = 3.0,
+    temperature: float = TEMPERATURE,
     lr_decay: str = "cosine",
     seed: int = 0,
     log_every: int = 10,
@@ -90,7 +93,9 @@ def prune_model(
         `loss_fn(model, batch) -> scalar tensor`.
     config: the `SparseConfig` (sparsity, granularity, budget); None: the model's own if it is sparsified, else the
         defaults (50% of the heads' and neurons' parameters).
-    steps: structure updates; each runs `num_samples` (>= 2) masked forwards of one batch of `batch_size`.
+    steps: structure updates; each runs `num_samples` (>= 2) masked forwards of one batch of `batch_size`. 300:
+        of the two step counts of the study (100, 300) the better or tied on every task, held-out ones included
+        (docs/prune.md).
     calibration_batches: dense forwards that read the activation x weight start (and the dense loss), taken from
         the same data; `start="magnitude"` uses the weight norms, `"uniform"` the kept fraction everywhere.
     learning_rate: Adam's on the keep probabilities (betas 0.5, 0.999, as Gao et al. 2025), decayed by `lr_decay`.
@@ -188,11 +193,17 @@ def _check_arguments(steps, batch_size, num_samples, learning_rate, calibration_
         raise ValueError(f"prune_model: pooling must be in [0, 1], got {pooling!r}")
 
 
+@functools.cache
+def _takes_use_cache(cls: type) -> bool:
+    """Whether a model class's forward takes `use_cache` (read once per class, not at every masked forward)."""
+    return "use_cache" in inspect.signature(cls.forward).parameters
+
+
 def _loss(model: nn.Module, batch: dict, loss_fn: Callable | None) -> float:
     if loss_fn is not None:
         loss = loss_fn(model, batch)
     else:
-        if "use_cache" not in batch and "use_cache" in inspect.signature(model.forward).parameters:
+        if "use_cache" not in batch and _takes_use_cache(type(model)):
             batch = dict(batch, use_cache=False)  # a causal LM would build a key/value cache it never reads
         loss = getattr(model(**batch), "loss", None)
         if loss is None:
@@ -255,18 +266,11 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
                 "start top-K loss %s", structure.num_units, steps, num_samples, start, _fmt(dense_loss),
                 _fmt(start_loss))
 
-    z = scores.clone().requires_grad_(False)
-    param = torch.nn.Parameter(z)
-    optimizer = torch.optim.Adam([param], lr=learning_rate, betas=(0.5, 0.999))
-    # cosine decay to 0 (as Gao et al.): Adam moves every unit by ~lr a step whatever its signal, so at a constant
-    # rate the units the losses cannot tell apart random-walk and a longer search ends worse (measured: 300 steps
-    # below 100 on word_swap); decayed, the total movement is bounded and the last steps only refine
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))) if lr_decay == "cosine" else 1.0)
     bar = _progress(steps, progress)
     try:
-        log = search_scores(model, structure, stream, costs, budget, steps, num_samples, margin, pooling, seed, loss_fn,
-                      log_every, bar, release, param, optimizer, schedule)
+        log = search_scores(model, structure, stream, costs, budget, steps=steps, num_samples=num_samples,
+                            learning_rate=learning_rate, lr_decay=lr_decay, margin=margin, pooling=pooling, seed=seed,
+                            loss_fn=loss_fn, log_every=log_every, bar=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -282,12 +286,23 @@ def _prune(model, structure: SparseStructure, dataset, config: SparseConfig, ste
                        start_topk_loss=start_loss, final_topk_loss=final_loss, peak_memory_bytes=peak, log=log)
 
 
-def search_scores(model, structure: SparseStructure, stream: Iterator[dict], costs: torch.Tensor, budget: float,
-                  steps: int, num_samples: int, margin: float, pooling: float, seed: int, loss_fn, log_every: int, bar,
-                  release, param: torch.nn.Parameter, optimizer, schedule,
+def search_scores(model, structure: SparseStructure, stream: Iterator[dict], costs: torch.Tensor, budget: float, *,
+                  steps: int, num_samples: int = SAMPLES, learning_rate: float = LEARNING_RATE,
+                  lr_decay: str = "cosine", margin: float = MARGIN, pooling: float = 0.0, seed: int = 0,
+                  loss_fn: Callable | None = None, log_every: int = 10, bar=None,
                   reduce: Callable | None = None) -> list[dict[str, float]]:
-    """The forward-only search: per step, `num_samples` masks of the scores, one batch through each, the VR-PGE
-    gradient, an Adam step, the projection onto the budget. Returns the log rows."""
+    """The forward-only search from the structure's current scores: per step, `num_samples` masks of the scores,
+    one batch of `stream` through each, the VR-PGE gradient, an Adam step (betas 0.5, 0.999, as Gao et al. 2025),
+    the projection onto the budget. `reduce` averages a step's losses over data-parallel ranks. Returns the log
+    rows; the scores are left on the structure."""
+    param = torch.nn.Parameter(structure.scores().clone())
+    optimizer = torch.optim.Adam([param], lr=learning_rate, betas=(0.5, 0.999))
+    # cosine decay to 0 (as Gao et al.): Adam moves every unit by ~lr a step whatever its signal, so at a constant
+    # rate the units the losses cannot tell apart random-walk and a longer search ends worse (measured: 300 steps
+    # below 100 on word_swap); decayed, the total movement is bounded and the last steps only refine
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))) if lr_decay == "cosine" else 1.0)
+    release = heap_release(structure.device)
     log: list[dict[str, float]] = []
     window: list[tuple[float, float]] = []
     for step in range(steps):

@@ -32,7 +32,7 @@ class PruneArguments:
     task: str = field(default="auto", metadata={"help": f"one of {TASKS}; auto: from the model's config"})
     max_length: int = field(default=128, metadata={"help": "tokens per example (truncated)"})
     sparsity: float = field(default=0.5, metadata={"help": "fraction of the heads' and neurons' parameters removed"})
-    steps: int = field(default=200, metadata={"help": "structure updates (each: --num_samples masked forwards)"})
+    steps: int = field(default=300, metadata={"help": "structure updates (each: --num_samples masked forwards)"})
     batch_size: int = field(default=16, metadata={"help": "examples per forward"})
     num_samples: int = field(default=4, metadata={"help": "masks sampled per step (>= 2)"})
     learning_rate: float = field(default=0.02, metadata={"help": "Adam's learning rate on the keep probabilities"})

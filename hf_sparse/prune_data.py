@@ -76,18 +76,7 @@ def batches(model: nn.Module, dataset: Any, batch_size: int, data_collator: Call
 
         return calibration, stream()
     if isinstance(dataset, IterableDataset) or hasattr(dataset, "iter") and hasattr(dataset, "column_names"):
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-
-        def reread() -> Iterator[dict]:
-            while True:
-                empty = True
-                for batch in loader:
-                    empty = False
-                    yield to_device(batch)
-                if empty:
-                    raise ValueError("prune_model: the iterable dataset yielded no example")
-
-        stream = reread()
+        stream = (to_device(b) for b in endless(DataLoader(dataset, batch_size=batch_size, collate_fn=collate)))
         return [next(stream) for _ in range(calibration_batches)], stream
     iterator = iter(dataset)  # an iterator of ready batches, read lazily
     calibration = []
@@ -99,6 +88,17 @@ def batches(model: nn.Module, dataset: Any, batch_size: int, data_collator: Call
         if len(calibration) == calibration_batches:
             break
     return calibration, _cycle((to_device(b) for b in iterator), fallback=calibration)
+
+
+def endless(loader: Iterable[dict]) -> Iterator[dict]:
+    """`loader` read again from its start each time it ends (a shuffling DataLoader reshuffles)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the data yielded no batch")
 
 
 def _cycle(source: Iterable[dict], fallback: list[dict] | None = None) -> Iterator[dict]:

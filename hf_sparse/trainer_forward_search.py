@@ -9,16 +9,14 @@ fixed objective, and the weights never see a sampled mask.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from .forward_importance import spread_scores
-from .prune import heap_release, search_scores
+from .prune import MARGIN, SAMPLES, TEMPERATURE, search_scores
+from .prune_data import endless
 
 logger = logging.getLogger("hf_sparse.trainer")
-
-SAMPLES, LEARNING_RATE, TEMPERATURE, MARGIN = 4, 0.02, 3.0, 0.02  # prune_model's defaults (docs/prune.md)
 
 
 class ForwardSearchMixin:
@@ -44,17 +42,12 @@ class ForwardSearchMixin:
             def reduce(t):
                 return self.accelerator.reduce(t.to(self.args.device), reduction="mean").to(t.device)
 
-        param = torch.nn.Parameter(scores.clone())
-        optimizer = torch.optim.Adam([param], lr=LEARNING_RATE, betas=(0.5, 0.999))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))))
         try:
-            log = search_scores(model, structure, _endless(self.get_train_dataloader()), costs, budget, steps, SAMPLES,
-                          MARGIN, 0.0, self.args.seed, loss_fn, max(1, steps // 5), None,
-                          heap_release(structure.device), param, optimizer, schedule, reduce=reduce)
+            log = search_scores(model, structure, endless(self.get_train_dataloader()), costs, budget, steps=steps,
+                                seed=self.args.seed, loss_fn=loss_fn, log_every=max(1, steps // 5), reduce=reduce)
         finally:
             model.train(was_training)
-        share = self._forward_share(structure.topk_mask(costs, budget))
+        share = self._forward_share(self.topk_mask())  # the mask the search hands on (uniform_layers too)
         self._sparse_state["flops_ratio_sum"] += steps * SAMPLES * share / 3.0  # forwards only: 1/3 of a step
         self._sparse_state["forward_search_steps"] = self._sparse_state.get("forward_search_steps", 0) + steps
         if log:
@@ -62,17 +55,9 @@ class ForwardSearchMixin:
                         "mask entropy %.3f", steps, step, log[0]["loss"], log[-1]["loss"], log[-1]["mask_entropy"])
 
     def _plain_loss(self, model, inputs):
-        """The base trainer's loss of a batch (no distillation term, no mask-group scaling)."""
+        """`transformers.Trainer`'s loss of a batch: no distillation term, no mask-group scaling, and none of a
+        subclass's per-forward bookkeeping (TRL's SFTTrainer counts tokens and metrics in its compute_loss)."""
         from transformers import Trainer
 
         return Trainer.compute_loss(self, model, inputs)
 
-
-def _endless(loader):
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("forward_search_steps: the training dataloader is empty")
