@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("hf_sparse").setLevel(logging.INFO)  # the searches' losses and the learned shares
+    if a.oracle_from and not a.tag:
+        p.error("--oracle_from needs a --tag (its runs must not be cached under the defaults' names)")
     if (a.sparse_args is None) != (a.tag is None):
         p.error("--sparse_args and --tag go together (the tag names the variant's cached runs)")
     sparse_args = json.loads(a.sparse_args) if a.sparse_args else {}

@@ -29,6 +29,14 @@ class GroupAllocation:
     """Keep probabilities from within-group logits `z` and one learned offset per group, on the budget."""
 
     def __init__(self, z: torch.Tensor, costs: torch.Tensor, sizes: list[int], budget: float, margin: float):
+        if not (sum(sizes) == z.numel() == costs.numel()):
+            raise ValueError(f"GroupAllocation: group sizes add up to {sum(sizes)} units, z has {z.numel()}, the "
+                             f"costs {costs.numel()}")
+        total = float(costs.detach().double().sum())
+        if not margin * total < budget < (1.0 - margin) * total:
+            raise ValueError(f"GroupAllocation: a budget of {budget / total:.4g} of the cost cannot be met with every "
+                             f"keep probability in [{margin}, {1 - margin}]: choose a sparsity in "
+                             f"({margin}, {1 - margin}) or a smaller margin")
         self.z = z.detach().double().cpu()
         self.costs = costs.detach().double().cpu()
         self.group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -49,23 +57,39 @@ class GroupAllocation:
     def probabilities(self) -> torch.Tensor:
         return self._probabilities(self.shift)
 
+    def ranking_scores(self) -> torch.Tensor:
+        """The unclamped probabilities: the same expected shares, and no ties at the bounds (a tie there would
+        be broken by position, not by the importance)."""
+        return torch.sigmoid(self.z + self.offsets[self.group] - self.shift)
+
     def step_offsets(self, new_offsets: torch.Tensor) -> None:
         # only differences between groups matter: the offsets are re-centred, the shift puts the cost back on budget
         self.offsets = (new_offsets.detach().double().cpu() - new_offsets.detach().double().mean())
         self.shift = self._shift()
 
     def group_gradient(self, losses: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """VR-PGE of dE[L]/d offset_g: per unit sum_k (L_k - mean L)(m_k - s) / (K - 1) is dE[L]/d logit (the
-        score function of a Bernoulli in its logit is m - s); summed over the group's units that are not held at a
-        bound (there the clamp makes the derivative 0). The first sample is subtracted as in `vrpge_gradient`: a
-        unit drawn alike in every sample gets exactly 0."""
+        """VR-PGE of dE[L]/d offset_g *on the budget*. Per unit, sum_k (L_k - mean L)(m_k - s) / (K - 1) estimates
+        dE[L]/d logit (the score function of a Bernoulli in its logit is m - s); G_g sums it over the group's
+        units not held at a bound (there the clamp makes the derivative 0). The first sample is subtracted as in
+        `vrpge_gradient`: a unit drawn alike in every sample gets exactly 0.
+
+        The shift is solved again after every step, so raising b_g by d also raises the shift by w_g d, with
+        w_g = D_g / sum D and D_g = sum over g's free units of c s (1 - s) (what one logit of g costs): every
+        logit moves by -w_g d. The gradient along the budget is therefore G_g - w_g sum_h G_h. Without the
+        correction every group, whose every unit lowers the loss, is pushed up alike and the re-centring cancels
+        the push: what is left follows each group's noise, not its loss per unit of cost."""
         k = losses.numel()
+        if k < 2:
+            raise ValueError(f"allocation search: VR-PGE needs at least 2 sampled masks a step, got {k}")
         adv = (losses.double() - losses.double().mean()).cpu()
         m = masks.double().cpu()
         per_unit = (adv[:, None] * (m - m[:1])).sum(0) / (k - 1)
-        raw = torch.sigmoid(self.z + self.offsets[self.group] - self.shift)
+        raw = self.ranking_scores()
         free = ((raw > self.margin) & (raw < 1.0 - self.margin)).double()
-        return torch.zeros_like(self.offsets).index_add_(0, self.group, per_unit * free)
+        g = torch.zeros_like(self.offsets).index_add_(0, self.group, per_unit * free)
+        d = torch.zeros_like(self.offsets).index_add_(0, self.group, self.costs * raw * (1.0 - raw) * free)
+        w = d / d.sum().clamp(min=1e-300)
+        return g - w * g.sum()
 
     def kept_shares(self, structure: SparseStructure, mask: torch.Tensor | None = None) -> list[dict]:
         """Per group: its kind, layer index among its kind, and the share of its cost kept (expected, or `mask`'s)."""
@@ -86,6 +110,8 @@ def search_allocation(
     """`steps` structure updates of the group offsets (forward only); the structure is left with the final keep
     probabilities as its scores. `loss_of(batch)` runs the model on the structure's current masks; `reduce`
     averages a step's losses over data-parallel ranks (the masks are the same on every rank)."""
+    if num_samples < 2:
+        raise ValueError(f"allocation search: num_samples must be >= 2 (VR-PGE compares masks), got {num_samples}")
     offsets = torch.nn.Parameter(allocation.offsets.clone())
     optimizer = torch.optim.Adam([offsets], lr=learning_rate, betas=(0.5, 0.999))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -117,5 +143,5 @@ def search_allocation(
             entropy = float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean())
             log.append({"step": step, "loss": float(losses_t.mean()),
                         "loss_spread": float(losses_t.max() - losses_t.min()), "mask_entropy": entropy})
-    structure.set_scores(allocation.probabilities().float().to(structure.device))
+    structure.set_scores(allocation.ranking_scores().float().to(structure.device))
     return log

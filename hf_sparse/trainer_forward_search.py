@@ -90,8 +90,13 @@ class ForwardSearchMixin:
         structure, held = self.structure, {}
 
         def last_hidden(m, inputs):
-            out = m(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=True)
-            return out.hidden_states[-1].float()
+            out = m(**{k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")},
+                    output_hidden_states=True, return_dict=True)
+            hidden = out.get("hidden_states") or out.get("decoder_hidden_states")
+            if not hidden:
+                raise ValueError(f"forward_search_objective='hidden': {type(m).__name__} returned no hidden states "
+                                 "with output_hidden_states=True; use forward_search_objective='loss'")
+            return hidden[-1].float()
 
         def loss_fn(m, batch):
             inputs = self._prepare_inputs(batch)
@@ -102,7 +107,9 @@ class ForwardSearchMixin:
                 structure.set_masks(masks)
             target = held["target"]
             keep = inputs.get("attention_mask")
-            keep = torch.ones(target.shape[:2], device=target.device) if keep is None else keep.float()
+            if keep is None or tuple(keep.shape) != tuple(target.shape[:2]):  # no 2-D padding mask: every token
+                keep = torch.ones(target.shape[:2], device=target.device)
+            keep = keep.float()
             err = ((last_hidden(m, inputs) - target).pow(2).sum(-1) * keep).sum()
             return err / (target.pow(2).sum(-1) * keep).sum().clamp(min=1e-12)
 

@@ -324,6 +324,12 @@ class StructureArguments:
                              "importance_warmup > 0 (e.g. --importance_warmup 0.5), or forward_search_steps 0")
         _choice("forward_search", self.forward_search, ("units", "allocation"))
         _choice("forward_search_objective", self.forward_search_objective, ("loss", "hidden"))
+        if not self.forward_search_steps and (self.forward_search != "units" or self.forward_search_objective != "loss"
+                                              or self.forward_search_lr):
+            raise ValueError(f"forward_search={self.forward_search!r}, forward_search_objective="
+                             f"{self.forward_search_objective!r} and forward_search_lr={self.forward_search_lr} "
+                             "configure the forward-only search, which runs only with forward_search_steps > 0 "
+                             "(e.g. --forward_search_steps 50)")
         if not (self.forward_search_lr >= 0 and math.isfinite(self.forward_search_lr)):
             raise ValueError(f"forward_search_lr must be a finite number >= 0, got {self.forward_search_lr!r}")
         if not 0.0 <= self.importance_explore < 1.0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 import torch
 from conftest import tiny_model
 
@@ -39,10 +41,33 @@ def test_the_losses_move_budget_towards_the_group_that_lowers_them_and_the_budge
     assert end[target] > start[target] + 0.1, (start, end)
     others = [e - s for i, (s, e) in enumerate(zip(start, end)) if i != target]
     assert sum(others) < 0  # paid for by the other groups: one budget
-    spent = float((costs.double() * structure.scores().double().cpu()).sum())
-    assert abs(spent - budget) < 1e-3 * budget
-    scores = structure.scores()
-    assert bool(((scores >= 0.02 - 1e-6) & (scores <= 0.98 + 1e-6)).all())  # off the absorbing bounds
+    s = allocation.probabilities()  # what the masks are drawn from: on the budget, off the absorbing bounds
+    assert abs(float((costs.double() * s).sum()) - budget) < 1e-3 * budget
+    assert bool(((s >= 0.02 - 1e-9) & (s <= 0.98 + 1e-9)).all())
+    # the structure's scores rank like the probabilities (unclamped: no ties at the bounds)
+    assert torch.equal(torch.argsort(structure.scores().cpu().double(), stable=True),
+                       torch.argsort(allocation.ranking_scores().float().double(), stable=True))
+
+
+def test_budget_goes_where_a_unit_of_cost_lowers_the_loss_most_not_to_every_group_that_lowers_it():
+    """Every kept unit of every group lowers the loss, but a unit of group 1 (64 neurons) by 3x as much per unit
+    of cost: the search moves budget from the others to group 1. (Without the budget's share in the gradient every group was
+    pushed up alike and the re-centring cancelled the push.)"""
+    structure, costs, z, budget = _setup()
+    allocation = GroupAllocation(z, costs, structure.sizes, budget, margin=0.02)
+    start = [a["kept"] for a in allocation.kept_shares(structure)]
+    value = torch.cat([torch.full((n,), 3.0 if i == 1 else 1.0) for i, n in enumerate(structure.sizes)])
+    value = value * costs.double().cpu() / float(costs.double().mean())
+
+    def loss_of(batch):
+        return -float((structure.masks().cpu().double() * value).sum())
+
+    search_allocation(structure, allocation, itertools.repeat({}), loss_of, steps=40, num_samples=4,
+                      learning_rate=0.1, seed=1)
+    end = [a["kept"] for a in allocation.kept_shares(structure)]
+    gains = [e - s for s, e in zip(start, end)]
+    assert gains[1] > 0.1 and gains[1] == max(gains), (start, end)
+    assert gains[3] < 0, (start, end)  # the other layer's neurons paid for it
 
 
 def test_the_ranking_inside_a_group_is_the_importance_s():
@@ -83,8 +108,9 @@ def test_the_trainer_s_allocation_search_moves_shares_between_groups_but_keeps_t
     for t, s in zip(torch.split(taylor, sizes), torch.split(scores, sizes)):
         above = t[:, None] > t[None, :]  # u ranked above v by the Taylor importance
         assert bool((s[:, None] >= s[None, :] - 1e-6)[above].all())
-    shares = trainer._sparse_state["allocation"]
-    assert len(shares) == len(sizes) and max(abs(a["kept"] - 0.5) for a in shares) > 0.05  # budget moved
+    plain_counts = hs.SparseStructure(plain).kept_counts()
+    assert hs.SparseStructure(searched).kept_counts() != plain_counts  # the search moved budget between groups
+    assert len(trainer._sparse_state["allocation"]) == len(sizes)
     run = trainer.structure_run()
     assert run["forward_search"] == "allocation" and run["forward_search_steps"] == 8
     card = hs.render_model_card(searched, base_model="tiny-llama").content
@@ -108,3 +134,18 @@ def test_the_hidden_objective_is_zero_for_the_dense_mask_and_reads_one_dense_tar
     assert first > 1e-3 and first == second
     assert len(calls) == 4  # one dense target for the batch, then one forward per call
     assert trainer.structure_run()["forward_search_objective"] == "hidden"
+
+
+def test_allocation_settings_that_cannot_work_are_refused_before_anything_is_patched(tmp_path):
+    with pytest.raises(ValueError, match="runs only with forward_search_steps > 0"):
+        hs.SparseTrainingArguments(output_dir=str(tmp_path), forward_search="allocation")
+    model = tiny_model("llama")
+    args = hs.SparseTrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
+                                      forward_search_steps=3, forward_search="allocation")
+    with pytest.raises(ValueError, match=r"uniform_layers=True\) keeps the same count"):
+        hs.SparseTrainer(model=model, args=args, train_dataset=[],
+                         sparse_config=hs.SparseConfig(sparsity=0.5, uniform_layers=True))
+    assert not hs.is_sparsified(model)
+    structure, costs, z, _ = _setup()
+    with pytest.raises(ValueError, match="cannot be met"):
+        GroupAllocation(z, costs, structure.sizes, 0.01 * float(costs.double().sum()), margin=0.02)
