@@ -64,22 +64,35 @@ def _line_order_pairs(key: str, words: int, rng: random.Random) -> list[tuple[st
     return rows
 
 
-def _word_swap_pairs(key: str, words: int, rng: random.Random) -> list[tuple[str, str, int]]:
-    """One verse line (text_pair empty): as written, or with two adjacent different words swapped."""
-    rows = []
+def _verse_lines(key: str, words: int):
+    """The play's lines of at least 6 words, each cut to its first `words` words (a list of words)."""
     for speech in play_speeches(key):
         for line in speech.split("\n"):
             w = line.split()[:words]
-            if len(w) < 6:
-                continue
-            if rng.random() < 0.5:
-                rows.append((" ".join(w), "", 1))
-                continue
-            spots = [i for i in range(len(w) - 1) if w[i].lower().strip(",.;:!?") != w[i + 1].lower().strip(",.;:!?")]
-            if not spots:
-                continue
-            i = rng.choice(spots)
-            w[i], w[i + 1] = w[i + 1], w[i]
+            if len(w) >= 6:
+                yield w
+
+
+def _swapped(w: list[str], span: range, rng: random.Random) -> list[str] | None:
+    """`w` with one pair of adjacent different words, the first of them in `span`, swapped (None: no such pair)."""
+    spots = [i for i in span if w[i].lower().strip(",.;:!?") != w[i + 1].lower().strip(",.;:!?")]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    w = list(w)
+    w[i], w[i + 1] = w[i + 1], w[i]
+    return w
+
+
+def _word_swap_pairs(key: str, words: int, rng: random.Random) -> list[tuple[str, str, int]]:
+    """One verse line (text_pair empty): as written, or with two adjacent different words swapped."""
+    rows = []
+    for w in _verse_lines(key, words):
+        if rng.random() < 0.5:
+            rows.append((" ".join(w), "", 1))
+            continue
+        w = _swapped(w, range(len(w) - 1), rng)
+        if w is not None:
             rows.append((" ".join(w), "", 0))
     return rows
 
@@ -110,22 +123,14 @@ def _swap_where_pairs(key: str, words: int, rng: random.Random) -> list[tuple[st
     """One verse line: as written (0), or two adjacent different words swapped in its first half (1) or its
     second half (2); the pair's first word decides the half."""
     rows = []
-    for speech in play_speeches(key):
-        for line in speech.split("\n"):
-            w = line.split()[:words]
-            if len(w) < 6:
-                continue
-            label = rng.randrange(3)
-            if label == 0:
-                rows.append((" ".join(w), "", 0))
-                continue
-            half = len(w) // 2
-            span = range(0, half) if label == 1 else range(half, len(w) - 1)
-            spots = [i for i in span if w[i].lower().strip(",.;:!?") != w[i + 1].lower().strip(",.;:!?")]
-            if not spots:
-                continue
-            i = rng.choice(spots)
-            w[i], w[i + 1] = w[i + 1], w[i]
+    for w in _verse_lines(key, words):
+        label = rng.randrange(3)
+        if label == 0:
+            rows.append((" ".join(w), "", 0))
+            continue
+        half = len(w) // 2
+        w = _swapped(w, range(0, half) if label == 1 else range(half, len(w) - 1), rng)
+        if w is not None:
             rows.append((" ".join(w), "", label))
     return rows
 
