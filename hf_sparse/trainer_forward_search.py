@@ -77,8 +77,7 @@ class ForwardSearchMixin:
                                 learning_rate=lr or ALLOCATION_LR, seed=self.args.seed,
                                 log_every=max(1, steps // 5), reduce=reduce,
                                 after_forward=heap_release(structure.device))
-        final = allocation.kept_shares(structure, self.topk_mask())
-        self._sparse_state["allocation"] = final
+        final = allocation.kept_shares(structure, self.topk_mask())  # (the masks keep it: kept_counts, the card)
         logger.info("SparseTrainer: allocation search: kept share per group (start -> top-K mask): %s",
                     ", ".join(f"{a['kind']}{a['layer']} {a['kept']:.2f}->{b['kept']:.2f}" for a, b in zip(start, final)))
         return log

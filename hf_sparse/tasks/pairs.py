@@ -129,7 +129,7 @@ def _swap_where_pairs(key: str, words: int, rng: random.Random) -> list[tuple[st
             rows.append((" ".join(w), "", 0))
             continue
         half = len(w) // 2
-        w = _swapped(w, range(0, half) if label == 1 else range(half, len(w) - 1), rng)
+        w = _swapped(w, range(half) if label == 1 else range(half, len(w) - 1), rng)
         if w is not None:
             rows.append((" ".join(w), "", label))
     return rows
