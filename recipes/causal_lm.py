@@ -200,7 +200,8 @@ def main(argv=None):
     finish_run(model, tokenizer, training_args, recipe, results, "perplexity", card_kwargs,
                f"training step, batch {training_args.per_device_train_batch_size} x {data_args.block_size} tokens",
                push)
-    trainer.accelerator.end_training()
+    trainer.accelerator.wait_for_everyone()  # the main process exports and writes the card; the others wait,
+    trainer.accelerator.end_training()  # so that no rank tears the process group down while a peer still uses it
     return results
 
 

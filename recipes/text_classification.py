@@ -252,7 +252,8 @@ def main(argv=None):
                f"training step, batch {training_args.per_device_train_batch_size} x up to {data_args.max_seq_length} "
                f"tokens ({train_out.global_step} steps)", push, majority_row,
                serving_batches=serving_batches(ds["test"], tokenizer, (1, 32)), dense_dir=dense_dir)
-    trainer.accelerator.end_training()
+    trainer.accelerator.wait_for_everyone()  # the main process exports and writes the card; the others wait,
+    trainer.accelerator.end_training()  # so that no rank tears the process group down while a peer still uses it
     return results
 
 
