@@ -22,13 +22,16 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .structure import SparseStructure, sample_masks
+from .structure import SparseStructure, kept_by_kind, sample_masks, score_stats
 
 
 class GroupAllocation:
     """Keep probabilities from within-group logits `z` and one learned offset per group, on the budget."""
 
-    def __init__(self, z: torch.Tensor, costs: torch.Tensor, sizes: list[int], budget: float, margin: float):
+    def __init__(self, z: torch.Tensor, costs: torch.Tensor, sizes: list[int], budget: float, margin: float,
+                 shared: list[int] | None = None):
+        """`shared[g]`: which offset group g uses (None: one each). `SparseConfig.uniform_layers` shares one per
+        kind: every layer keeps the same count, so only the split between heads and neurons is learned."""
         if not (sum(sizes) == z.numel() == costs.numel()):
             raise ValueError(f"GroupAllocation: group sizes add up to {sum(sizes)} units, z has {z.numel()}, the "
                              f"costs {costs.numel()}")
@@ -39,8 +42,12 @@ class GroupAllocation:
                              f"({margin}, {1 - margin}) or a smaller margin")
         self.z = z.detach().double().cpu()
         self.costs = costs.detach().double().cpu()
-        self.group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-        self.offsets = torch.zeros(len(sizes), dtype=torch.float64)
+        if shared is not None and (len(shared) != len(sizes) or sorted(set(shared)) != list(range(len(set(shared))))):
+            raise ValueError(f"GroupAllocation: shared must give each of the {len(sizes)} groups an offset index "
+                             f"0..n-1 (each index used), got {shared}")
+        index = torch.arange(len(sizes)) if shared is None else torch.tensor(shared)
+        self.group = torch.repeat_interleave(index, torch.tensor(sizes))  # the offset of each unit
+        self.offsets = torch.zeros(int(index.max()) + 1, dtype=torch.float64)
         self.budget, self.margin = float(budget), float(margin)
         self.shift = self._shift()
 
@@ -92,26 +99,42 @@ class GroupAllocation:
         return g - w * g.sum()
 
     def kept_shares(self, structure: SparseStructure, mask: torch.Tensor | None = None) -> list[dict]:
-        """Per group: its kind, layer index among its kind, and the share of its cost kept (expected, or `mask`'s)."""
-        s = self.probabilities() if mask is None else mask.detach().double().cpu()
-        out, seen = [], {}
-        for g, c, p in zip(structure.groups, torch.split(self.costs, structure.sizes), torch.split(s, structure.sizes)):
-            layer = seen.get(g.kind, 0)
-            seen[g.kind] = layer + 1
-            out.append({"kind": g.kind, "layer": layer, "kept": float((c * p).sum() / c.sum())})
-        return out
+        """`kept_shares` of the expected mask (the probabilities), or of `mask`."""
+        return kept_shares(structure, self.costs, self.probabilities() if mask is None else mask)
+
+
+def kept_shares(structure: SparseStructure, costs: torch.Tensor, mask: torch.Tensor) -> list[dict]:
+    """Per group: its kind, layer index among its kind, and the share of its cost that `mask` (or expected
+    keep probabilities) keeps."""
+    s, costs = mask.detach().double().cpu(), costs.detach().double().cpu()
+    out, seen = [], {}
+    for g, c, p in zip(structure.groups, torch.split(costs, structure.sizes), torch.split(s, structure.sizes)):
+        layer = seen.get(g.kind, 0)
+        seen[g.kind] = layer + 1
+        out.append({"kind": g.kind, "layer": layer, "kept": float((c * p).sum() / c.sum())})
+    return out
 
 
 def search_allocation(
     structure: SparseStructure, allocation: GroupAllocation, stream: Iterator[dict],
     loss_of: Callable[[dict], float], *, steps: int, num_samples: int, learning_rate: float, seed: int = 0,
     log_every: int = 10, reduce: Callable | None = None, after_forward: Callable[[], None] = lambda: None,
+    policy: str = "sampled", mask_of: Callable[[torch.Tensor], torch.Tensor] | None = None, sigma: float = 1.0,
 ) -> list[dict]:
     """`steps` structure updates of the group offsets (forward only); the structure is left with the final keep
     probabilities as its scores. `loss_of(batch)` runs the model on the structure's current masks; `reduce`
-    averages a step's losses over data-parallel ranks (the masks are the same on every rank)."""
-    if num_samples < 2:
-        raise ValueError(f"allocation search: num_samples must be >= 2 (VR-PGE compares masks), got {num_samples}")
+    averages a step's losses over data-parallel ranks (the masks are the same on every rank).
+
+    `policy="sampled"`: each mask draws every unit from its keep probability (VR-PGE per unit, summed per group).
+    `policy="shares"`: each pair of masks draws one Gaussian perturbation e of the offsets (std `sigma`) and keeps
+    the top-K (`mask_of(scores)`) at offsets + e and at offsets - e: the two masks differ only in how many units
+    each group keeps, never in which of its ranked units, and both see the same batch, so their loss difference
+    is the allocation's alone; the gradient is the antithetic score-function estimate (L+ - L-) e / (2 sigma^2)."""
+    if num_samples < 2 or (policy == "shares" and num_samples % 2):
+        raise ValueError(f"allocation search: num_samples must be >= 2 (and even for policy 'shares': antithetic "
+                         f"pairs), got {num_samples}")
+    if policy not in ("sampled", "shares") or (policy == "shares" and mask_of is None):
+        raise ValueError(f"allocation search: policy must be 'sampled' or 'shares' (with mask_of), got {policy!r}")
     offsets = torch.nn.Parameter(allocation.offsets.clone())
     optimizer = torch.optim.Adam([offsets], lr=learning_rate, betas=(0.5, 0.999))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -119,8 +142,15 @@ def search_allocation(
     log: list[dict] = []
     for step in range(steps):
         batch = next(stream)
-        s = allocation.probabilities().float()
-        masks = sample_masks(s, num_samples, seed, step)
+        if policy == "shares":
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the same draws on every rank
+            eps = torch.randn(num_samples // 2, allocation.offsets.numel(), generator=gen, dtype=torch.float64)
+            eps = sigma * (eps - eps.mean(1, keepdim=True))
+            z = allocation.z
+            masks = torch.stack([mask_of(torch.sigmoid(z + (allocation.offsets + sign * e)[allocation.group]).float())
+                                 .float().cpu() for e in eps for sign in (1.0, -1.0)])
+        else:
+            masks = sample_masks(allocation.probabilities().float(), num_samples, seed, step)
         losses = []
         for m in masks:
             structure.set_masks(m.to(structure.device))
@@ -131,7 +161,11 @@ def search_allocation(
             losses_t = reduce(losses_t).double().cpu()
         if not bool(torch.isfinite(losses_t).all()):
             raise FloatingPointError(f"allocation search: step {step} gave non-finite losses {losses_t.tolist()}")
-        offsets.grad = allocation.group_gradient(losses_t, masks)
+        if policy == "shares":
+            diff = losses_t[0::2] - losses_t[1::2]
+            offsets.grad = (diff[:, None] * eps).mean(0) / (2.0 * sigma ** 2)
+        else:
+            offsets.grad = allocation.group_gradient(losses_t, masks)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
@@ -139,9 +173,12 @@ def search_allocation(
         with torch.no_grad():
             offsets.copy_(allocation.offsets)
         if step % log_every == 0 or step == steps - 1:
-            p = allocation.probabilities().clamp(1e-12, 1 - 1e-12)
-            entropy = float((-(p * p.log2() + (1 - p) * (1 - p).log2())).mean())
-            log.append({"step": step, "loss": float(losses_t.mean()),
-                        "loss_spread": float(losses_t.max() - losses_t.min()), "mask_entropy": entropy})
+            # the rows of prune_model's search: the sampled masks' mean loss and spread, the keep probabilities'
+            # entropy and share at the margins, and the expected share of each kind's cost kept
+            p = allocation.probabilities()
+            log.append({"step": step + 1, "loss": float(losses_t.mean()),
+                        "loss_difference": float(losses_t.max() - losses_t.min()),
+                        **score_stats(p, allocation.margin),
+                        **kept_by_kind(structure, allocation.costs, p)})
     structure.set_scores(allocation.ranking_scores().float().to(structure.device))
     return log

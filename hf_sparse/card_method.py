@@ -48,7 +48,7 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     elif warmup > 0 and fixed > 0 and int(run.get("forward_search_steps") or 0) > 0:
         kind, tags = "taylor_forward_search", ["taylor-importance", tag or "vr-pge", "forward-only-search"]
         what = ("of each group's share of the budget (the Taylor ranking kept inside each group)"
-                if run.get("forward_search") == "allocation" else "of the keep probabilities")
+                if str(run.get("forward_search")).startswith("allocation") else "of the keep probabilities")
         goal = (", scored by the distance of the last hidden states from the dense model's"
                 if run.get("forward_search_objective") == "hidden" else "")
         name = (f"the Taylor importance read in a dense warm-up, then {int(run['forward_search_steps'])} steps of a "
@@ -75,7 +75,8 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     return {"kind": kind, "name": name, "tags": tags, "rows": rows, "source": source, "estimator": estimator,
             "updates": int(run.get("structure_updates", search) or 0), "skipped": int(run.get("skipped_updates") or 0),
             "warmed_up": warmup > 0, "fixed": fixed > 0, "counted": not planned and bool(run.get("recorded_by")),
-            "forward_search_steps": int(run.get("forward_search_steps") or 0)}
+            "forward_search_steps": int(run.get("forward_search_steps") or 0),
+            "allocation": str(run.get("forward_search")).startswith("allocation")}
 
 
 def _cell(text: str) -> str:

@@ -33,7 +33,7 @@ from .masks import fix_masks, masks_fixed
 from .model_state import STRUCTURE_RUN_ATTR, get_sparse_config, is_sparsified
 from .patching import sparsify_model, unsparsify_model
 from .prune_data import batches
-from .structure import SparseStructure, check_keeps_a_level, sample_masks
+from .structure import SparseStructure, check_keeps_a_level, kept_by_kind, sample_masks, score_stats
 
 logger = logging.getLogger("hf_sparse.prune")
 
@@ -333,8 +333,8 @@ def search_scores(model, structure: SparseStructure, stream: Iterator[dict], cos
         window.append((sum(losses) / len(losses), max(losses) - min(losses)))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             row = {"step": step + 1, "loss": sum(w[0] for w in window) / len(window),
-                   "loss_difference": sum(w[1] for w in window) / len(window), **_score_stats(projected, margin)}
-            row.update(_kept_by_kind(structure, costs, projected))
+                   "loss_difference": sum(w[1] for w in window) / len(window), **score_stats(projected, margin)}
+            row.update(kept_by_kind(structure, costs, projected))
             log.append(row)
             window = []
             logger.info("hf_sparse.prune_model: step %d/%d loss %.4f loss difference %.4f entropy %.3f at bounds %.3f",
@@ -381,23 +381,6 @@ def heap_release(device: torch.device) -> Callable[[], None]:
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
         return lambda: None
     return lambda: trim(0) and None
-
-
-def _score_stats(s: torch.Tensor, margin: float) -> dict[str, float]:
-    p = s.double().clamp(1e-12, 1 - 1e-12)
-    entropy = -(p * p.log2() + (1 - p) * (1 - p).log2())
-    at_bounds = ((s <= margin + 1e-6) | (s >= 1 - margin - 1e-6)).double().mean()
-    return {"mask_entropy": float(entropy.mean()), "share_at_bounds": float(at_bounds)}
-
-
-def _kept_by_kind(structure: SparseStructure, costs: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
-    """Expected kept share of each kind's cost (heads, neurons): how the search splits the one budget."""
-    out: dict[str, float] = {}
-    for kind in dict.fromkeys(structure.kinds()):
-        sel = torch.cat([torch.full((n,), k == kind) for n, k in zip(structure.sizes, structure.kinds())])
-        sel = sel.to(s.device)
-        out[f"kept_{kind}"] = float((costs[sel].double() * s[sel].double()).sum() / costs[sel].double().sum())
-    return out
 
 
 def _progress(total: int, enabled: bool):

@@ -420,3 +420,21 @@ def check_keeps_a_level(structure: SparseStructure, costs: torch.Tensor, sparsit
             f"every unit would be dropped. Use a sparsity of at most {1.0 - smallest / total:.6g}, or "
             "uniform_layers=False"
         )
+
+
+def score_stats(s: torch.Tensor, margin: float) -> dict[str, float]:
+    """A search's keep probabilities: their mean binary entropy (bits) and the share of them held at a margin."""
+    p = s.double().clamp(1e-12, 1 - 1e-12)
+    entropy = -(p * p.log2() + (1 - p) * (1 - p).log2())
+    at_bounds = ((s <= margin + 1e-6) | (s >= 1 - margin - 1e-6)).double().mean()
+    return {"mask_entropy": float(entropy.mean()), "share_at_bounds": float(at_bounds)}
+
+
+def kept_by_kind(structure: SparseStructure, costs: torch.Tensor, s: torch.Tensor) -> dict[str, float]:
+    """Expected kept share of each kind's cost (heads, neurons): how the search splits the one budget."""
+    out: dict[str, float] = {}
+    for kind in dict.fromkeys(structure.kinds()):
+        sel = torch.cat([torch.full((n,), k == kind) for n, k in zip(structure.sizes, structure.kinds())])
+        sel = sel.to(s.device)
+        out[f"kept_{kind}"] = float((costs[sel].double() * s[sel].double()).sum() / costs[sel].double().sum())
+    return out

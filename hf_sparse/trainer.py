@@ -93,10 +93,6 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, ForwardSe
         self.structure = SparseStructure(model)
         self._costs = self.structure.costs(self.sparse_config.budget)
         check_keeps_a_unit(self._costs, self.sparse_config.sparsity)
-        if self.sparse_config.uniform_layers and args.forward_search_steps and args.forward_search == "allocation":
-            raise ValueError("forward_search='allocation' learns a different share for each layer, and "
-                             "SparseConfig(uniform_layers=True) keeps the same count in every layer: use "
-                             "forward_search='units', or uniform_layers=False")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and args.world_size == 1:
             raise ValueError(

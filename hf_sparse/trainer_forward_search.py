@@ -12,14 +12,17 @@ import logging
 
 import torch
 
-from .allocation import GroupAllocation, search_allocation
+from .allocation import GroupAllocation, kept_shares, search_allocation
 from .forward_importance import spread_logits, spread_scores
 from .prune import LEARNING_RATE, MARGIN, SAMPLES, TEMPERATURE, heap_release, search_scores
 from .prune_data import endless
 
 logger = logging.getLogger("hf_sparse.trainer")
 
-ALLOCATION_LR = 0.05  # Adam on the group offsets (logit units)
+# Adam on the group offsets (logit units; the within-group logits spread over about +-6): "allocation" (the
+# default) 16 steps at 0.2, "allocation_sampled" 50 steps at 0.05 (docs/structure_tasks.md)
+ALLOCATION_LR = {"allocation": 0.2, "allocation_sampled": 0.05}
+ALLOCATION_SIGMA = 1.0  # std of the shares policy's offset perturbations: about 13% of a group's units
 
 
 class ForwardSearchMixin:
@@ -47,7 +50,7 @@ class ForwardSearchMixin:
 
         lr = self.args.forward_search_lr or None
         try:
-            if self.args.forward_search == "allocation":
+            if self.args.forward_search.startswith("allocation"):
                 log = self._allocation_search(model, importance, budget, steps, lr, loss_fn, reduce)
             else:
                 scores = spread_scores(importance, costs.cpu(), budget, structure.sizes, margin=MARGIN,
@@ -64,19 +67,47 @@ class ForwardSearchMixin:
             self._sparse_state["flops_ratio_sum"] += steps / 3.0  # the dense forward of each batch's target
         self._sparse_state["forward_search_steps"] = self._sparse_state.get("forward_search_steps", 0) + steps
         if log:
-            logger.info("SparseTrainer: forward-only search of %d steps at step %d: sampled loss %.4f -> %.4f, "
-                        "mask entropy %.3f", steps, step, log[0]["loss"], log[-1]["loss"], log[-1]["mask_entropy"])
+            self._log_forward_search(log, steps, step)
+
+    def _log_forward_search(self, log: list[dict], steps: int, step: int) -> None:
+        """The search's record, in the log and in the next training log's metrics (what a run shows in its
+        TensorBoard / W&B): the sampled masks' loss and spread, the entropy and share of keep probabilities at
+        the margins, and the share of each group's cost the fixed mask keeps (by kind and layer)."""
+        first, last = log[0], log[-1]
+        logger.info("SparseTrainer: forward-only search (%s) of %d steps at step %d: sampled loss %.4f -> %.4f, "
+                    "loss difference between masks %.4f -> %.4f, mask entropy %.3f, share at the margins %.3f",
+                    self.args.forward_search, steps, step, first["loss"], last["loss"], first["loss_difference"],
+                    last["loss_difference"], last["mask_entropy"], last["share_at_bounds"])
+        metrics = {"search_loss_start": first["loss"], "search_loss_end": last["loss"],
+                   "search_loss_difference": last["loss_difference"], "search_mask_entropy": last["mask_entropy"],
+                   "search_share_at_bounds": last["share_at_bounds"]}
+        for share in kept_shares(self.structure, self._costs, self.topk_mask()):
+            metrics[f"kept_{share['kind']}_{share['layer']}"] = share["kept"]
+        for name, value in metrics.items():
+            self._add_metric(f"sparse/{name}", value)
 
     def _allocation_search(self, model, importance, budget, steps, lr, loss_fn, reduce):
         structure = self.structure
         z = spread_logits(importance, self._costs.cpu(), structure.sizes, TEMPERATURE)
-        allocation = GroupAllocation(z, self._costs.cpu(), structure.sizes, budget, MARGIN)
+        shared = None
+        if self.sparse_config.uniform_layers:  # one offset per kind: the same count in every layer, the split learned
+            kinds = list(dict.fromkeys(g.kind for g in structure.groups))
+            shared = [kinds.index(g.kind) for g in structure.groups]
+        allocation = GroupAllocation(z, self._costs.cpu(), structure.sizes, budget, MARGIN, shared=shared)
         start = allocation.kept_shares(structure)
+        uniform = self.sparse_config.uniform_layers
+
+        def mask_of(scores):
+            structure.set_scores(scores.to(structure.device))
+            return structure.topk_mask(self._costs, budget, uniform=uniform)
+
+        policy = "sampled" if self.args.forward_search == "allocation_sampled" else "shares"
         log = search_allocation(structure, allocation, endless(self.get_train_dataloader()),
                                 lambda batch: float(loss_fn(model, batch)), steps=steps, num_samples=SAMPLES,
-                                learning_rate=lr or ALLOCATION_LR, seed=self.args.seed,
+                                learning_rate=lr or ALLOCATION_LR[self.args.forward_search], seed=self.args.seed,
                                 log_every=max(1, steps // 5), reduce=reduce,
-                                after_forward=heap_release(structure.device))
+                                after_forward=heap_release(structure.device), policy=policy, mask_of=mask_of,
+                                sigma=ALLOCATION_SIGMA)
         final = allocation.kept_shares(structure, self.topk_mask())  # (the masks keep it: kept_counts, the card)
         logger.info("SparseTrainer: allocation search: kept share per group (start -> top-K mask): %s",
                     ", ".join(f"{a['kind']}{a['layer']} {a['kept']:.2f}->{b['kept']:.2f}" for a, b in zip(start, final)))

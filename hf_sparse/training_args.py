@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from transformers import TrainingArguments
 
@@ -15,6 +16,10 @@ EVAL_MASKS = ("topk", "sample", "dense")
 PROJECTIONS = ("weighted", "euclidean")
 SEARCH_WEIGHTS = ("sample", "topk")
 DISTILL_FROM = ("none", "warmup", "model")
+FORWARD_SEARCHES = ("allocation", "allocation_sampled", "units")
+# The default length of the forward-only allocation search at the end of the warm-up (docs/structure_tasks.md,
+# "The default run searches"): 16 steps of 4 sampled masks, about 4% of a 250-step run's training FLOPs.
+DEFAULT_FORWARD_SEARCH_STEPS = 16
 
 # The paper's schedule (the search from a dense start, then a fixed phase): what the defaults were before the
 # structure-sensitive tasks showed it ending at chance at 50% (docs/structure_tasks.md). Pass it to search:
@@ -30,15 +35,17 @@ class StructureArguments:
     `sparse_args_class(SFTConfig)` is TRL's `SFTConfig` plus these. The same fields and defaults everywhere.
 
     The defaults (measured, docs/structure_tasks.md): the first half of training runs dense while each unit's
-    Taylor importance is read from the ordinary backward; then the most important units filling the budget are
-    kept, the mask is fixed, and the second half trains the kept units only. On two tasks where the choice of
-    units decides the outcome (real MiniLM, 250 steps, 50% sparsity, 3 seeds) this kept 0.684 / 0.629 accuracy
-    against dense 0.693 / 0.657, where the paper's schedule (`PAPER_SCHEDULE`: search from the dense model,
-    fixed at 80%) ended at chance (0.504 / 0.507), as did random units (0.499 / 0.507); a search after the
-    informed start (3 seeds: -0.0 / -0.4 points), distillation and a 40% warm-up added nothing measurable. The
-    search itself is reached with `**PAPER_SCHEDULE` (or any `fix_masks_at` after the warm-up). For pretraining
-    from scratch use a short warm-up and a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half
-    keeps nothing there.
+    Taylor importance is read from the ordinary backward; then a short forward-only policy-gradient search (16
+    steps of 4 sampled masks, VR-PGE, on the weights of that moment, no backward) learns how the one global budget
+    is split between the groups -- each layer's heads, each layer's MLP neurons -- with the Taylor ranking kept
+    inside each group; its top-K mask is fixed, and the second half trains the kept units only. On the structure
+    tasks (real MiniLM, 250 steps, 3 seeds) the Taylor mask alone kept 0.684 / 0.629 accuracy at 50% sparsity
+    against dense 0.693 / 0.657, where the paper's schedule (`PAPER_SCHEDULE`: search from the dense model, fixed
+    at 80%) ended at chance (0.504 / 0.507), as did random units; the allocation search ties the Taylor mask
+    there (within a point either way, on the held-out task +1.0) for about 4% more training FLOPs, and is what
+    makes the layers compete for the one budget instead of each keeping the same share
+    (`forward_search_steps=0`: the Taylor mask fixed at once). For pretraining from scratch use a short warm-up and
+    a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half keeps nothing there.
 
     Parameters:
         > Structure optimizer
@@ -81,22 +88,27 @@ class StructureArguments:
         importance_explore (`float`, defaults to `0.0`):
             Mix this share of the uniform keep probability into the informed start (same budget), so that no
             unit starts at exactly 0 or 1, where the score-function gradient is 0 and the search cannot move it.
-        forward_search_steps (`int`, defaults to `0`):
-            With importance_warmup: at the end of the warm-up, this many steps of the forward-only VR-PGE search of
-            `hf_sparse.prune_model` on the weights of that moment (frozen, eval mode, no backward; 4 masks a step
-            on training batches), from the Taylor importance spread off 0 and 1, before the informed start's mask
-            is used. `0`: off (the Taylor ranking alone), the default: 50 steps measured -0.7 / +0.3 points against
-            none on the structure tasks for 14% more training FLOPs (docs/structure_tasks.md).
-        forward_search (`str`, defaults to `"units"`):
-            What the forward-only search learns: `"units"`, a keep probability per unit; `"allocation"`, one share
-            of the budget per group (a layer's heads, a layer's neurons) with the Taylor ranking kept inside each
-            group (`hf_sparse/allocation.py`): 12 numbers on MiniLM instead of 9,288.
+        forward_search_steps (`int`, defaults to `None`):
+            With importance_warmup: at the end of the warm-up, this many steps of a forward-only VR-PGE search on
+            the weights of that moment (frozen, eval mode, no backward; 4 masks a step on training batches), from
+            the Taylor importance spread off 0 and 1, before the mask is used. `None`: 16 where the mask is fixed at
+            the end of the warm-up (`fix_masks_at <= importance_warmup`: the defaults), else 0 (no warm-up, or a
+            training-time search follows it). `0`: off (the Taylor ranking alone).
+        forward_search (`str`, defaults to `"allocation"`):
+            What the forward-only search learns. `"allocation"`: one share of the budget per group (a layer's
+            heads, a layer's neurons; with `SparseConfig.uniform_layers` one per kind), the Taylor ranking kept
+            inside each group (`hf_sparse/allocation.py`: 12 numbers on MiniLM instead of 9,288); each step draws
+            pairs of masks whose groups keep more or fewer of their best units (a Gaussian perturbation of the
+            shares and its opposite, on the same batch), so a pair's loss difference is the allocation's alone.
+            `"allocation_sampled"`: the same shares, learned from masks that sample every unit. `"units"`: a keep
+            probability per unit (`hf_sparse.prune_model`'s search).
         forward_search_objective (`str`, defaults to `"loss"`):
             What the forward-only search minimises: `"loss"`, the training loss of each sampled mask; `"hidden"`,
             how far each sampled mask moves the last hidden states from the dense model's on the same batch (one
             more dense forward a step).
         forward_search_lr (`float`, defaults to `0.0`):
-            Adam's learning rate of the forward-only search; `0`: the search's own (0.02 per unit, 0.05 per group).
+            Adam's learning rate of the forward-only search; `0`: the search's own (0.2 for `"allocation"`, 0.05
+            for `"allocation_sampled"`, 0.02 for `"units"`).
         importance_ranking (`str`, defaults to `"group"`):
             `"group"`: rank units within their own group (every layer starts near the kept fraction);
             `"global"`: one ranking over the model (early layers' larger derivatives then win).
@@ -173,17 +185,19 @@ class StructureArguments:
         metadata={"help": "With importance_warmup: the share of the total cost left uncertain (0 < p < 1) around "
                           "the budget's edge at the informed start; the rest starts kept (p=1) or dropped (p=0)."},
     )
-    forward_search_steps: int = field(
-        default=0,
-        metadata={"help": "With importance_warmup: steps of the forward-only VR-PGE search (prune_model's, on the "
-                          "frozen weights of that moment) at the end of the warm-up, from the Taylor importance. "
-                          "0: off."},
+    forward_search_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "With importance_warmup: steps of the forward-only VR-PGE search at the end of the warm-up "
+                          f"(on the frozen weights of that moment), from the Taylor importance. Default: "
+                          f"{DEFAULT_FORWARD_SEARCH_STEPS} where the mask is fixed at the end of the warm-up, else 0. 0: off."},
     )
     forward_search: str = field(
-        default="units",
-        metadata={"help": "What the forward-only search learns: 'units' (a keep probability per unit) or "
-                          "'allocation' (one share of the budget per group -- a layer's heads, a layer's neurons -- "
-                          "with the Taylor ranking inside each group).", "choices": ["units", "allocation"]},
+        default="allocation",
+        metadata={"help": "What the forward-only search learns: 'allocation' (one share of the budget per group -- "
+                          "a layer's heads, a layer's neurons -- with the Taylor ranking inside each group; pairs of "
+                          "masks that differ only in the groups' shares), 'allocation_sampled' (the same shares "
+                          "learned from masks that sample every unit) or 'units' (a keep probability per unit).",
+                  "choices": list(FORWARD_SEARCHES)},
     )
     forward_search_objective: str = field(
         default="loss",
@@ -316,20 +330,23 @@ class StructureArguments:
             raise ValueError(f"score_margin must be in [0, 0.5), got {self.score_margin}; e.g. --score_margin 0.02")
         if not 0.0 <= self.structure_pooling <= 1.0:
             raise ValueError(f"structure_pooling must be in [0, 1], got {self.structure_pooling}")
+        if self.forward_search_steps is None:
+            # the default: search where the mask is fixed at the end of a warm-up; a schedule with a training-time
+            # search after the warm-up (fix_masks_at later) already runs the policy gradient from the informed start
+            fixed_at_warmup_end = 0 < self.importance_warmup and self.fix_masks_at <= self.importance_warmup
+            self.forward_search_steps = DEFAULT_FORWARD_SEARCH_STEPS if fixed_at_warmup_end else 0
         if isinstance(self.forward_search_steps, bool) or not isinstance(self.forward_search_steps, int) \
                 or self.forward_search_steps < 0:
             raise ValueError(f"forward_search_steps must be an integer >= 0, got {self.forward_search_steps!r}")
         if self.forward_search_steps and self.importance_warmup <= 0:
             raise ValueError("forward_search_steps searches from the Taylor importance of the warm-up: set "
                              "importance_warmup > 0 (e.g. --importance_warmup 0.5), or forward_search_steps 0")
-        _choice("forward_search", self.forward_search, ("units", "allocation"))
+        _choice("forward_search", self.forward_search, FORWARD_SEARCHES)
         _choice("forward_search_objective", self.forward_search_objective, ("loss", "hidden"))
-        if not self.forward_search_steps and (self.forward_search != "units" or self.forward_search_objective != "loss"
-                                              or self.forward_search_lr):
-            raise ValueError(f"forward_search={self.forward_search!r}, forward_search_objective="
-                             f"{self.forward_search_objective!r} and forward_search_lr={self.forward_search_lr} "
-                             "configure the forward-only search, which runs only with forward_search_steps > 0 "
-                             "(e.g. --forward_search_steps 50)")
+        if not self.forward_search_steps and (self.forward_search_objective != "loss" or self.forward_search_lr):
+            raise ValueError(f"forward_search_objective={self.forward_search_objective!r} and forward_search_lr="
+                             f"{self.forward_search_lr} configure the forward-only search, which runs only with "
+                             "forward_search_steps > 0 (e.g. --forward_search_steps 16)")
         if not (self.forward_search_lr >= 0 and math.isfinite(self.forward_search_lr)):
             raise ValueError(f"forward_search_lr must be a finite number >= 0, got {self.forward_search_lr!r}")
         if not 0.0 <= self.importance_explore < 1.0:

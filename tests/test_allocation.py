@@ -12,6 +12,7 @@ from conftest import tiny_model
 import hf_sparse as hs
 from hf_sparse.allocation import GroupAllocation, search_allocation
 from hf_sparse.forward_importance import spread_logits
+from hf_sparse.training_args import DEFAULT_FORWARD_SEARCH_STEPS, PAPER_SCHEDULE
 
 
 def _setup(sparsity=0.5):
@@ -24,7 +25,17 @@ def _setup(sparsity=0.5):
     return structure, costs, z, budget
 
 
-def test_the_losses_move_budget_towards_the_group_that_lowers_them_and_the_budget_holds():
+def _policy(policy, structure, costs, budget):
+    """search_allocation's policy arguments: "shares" ranks with the top-K mask of the perturbed shares."""
+    def mask_of(scores):
+        structure.set_scores(scores)
+        return structure.topk_mask(costs, budget)
+
+    return {"policy": policy, "mask_of": mask_of if policy == "shares" else None}
+
+
+@pytest.mark.parametrize("policy", ["sampled", "shares"])
+def test_the_losses_move_budget_towards_the_group_that_lowers_them_and_the_budget_holds(policy):
     structure, costs, z, budget = _setup()
     allocation = GroupAllocation(z, costs, structure.sizes, budget, margin=0.02)
     start = [a["kept"] for a in allocation.kept_shares(structure)]
@@ -35,7 +46,7 @@ def test_the_losses_move_budget_towards_the_group_that_lowers_them_and_the_budge
         return -float(structure.masks().cpu()[sel].sum()) + 0.1 * float(torch.randn(()))
 
     search_allocation(structure, allocation, itertools.repeat({}), loss_of, steps=40, num_samples=4,
-                      learning_rate=0.1, seed=0)
+                      learning_rate=0.1, seed=0, **_policy(policy, structure, costs, budget))
     end = [a["kept"] for a in allocation.kept_shares(structure)]
     assert end[target] > start[target] + 0.1, (start, end)
     others = [e - s for i, (s, e) in enumerate(zip(start, end)) if i != target]
@@ -48,7 +59,8 @@ def test_the_losses_move_budget_towards_the_group_that_lowers_them_and_the_budge
                        torch.argsort(allocation.ranking_scores().float().double(), stable=True))
 
 
-def test_budget_goes_where_a_unit_of_cost_lowers_the_loss_most_not_to_every_group_that_lowers_it():
+@pytest.mark.parametrize("policy", ["sampled", "shares"])
+def test_budget_goes_where_a_unit_of_cost_lowers_the_loss_most_not_to_every_group_that_lowers_it(policy):
     """Every kept unit of every group lowers the loss, but a unit of group 1 (64 neurons) by 3x as much per unit
     of cost: the search moves budget from the others to group 1. (Without the budget's share in the gradient every group was
     pushed up alike and the re-centring cancelled the push.)"""
@@ -62,14 +74,14 @@ def test_budget_goes_where_a_unit_of_cost_lowers_the_loss_most_not_to_every_grou
         return -float((structure.masks().cpu().double() * value).sum())
 
     search_allocation(structure, allocation, itertools.repeat({}), loss_of, steps=40, num_samples=4,
-                      learning_rate=0.1, seed=1)
+                      learning_rate=0.1, seed=1, **_policy(policy, structure, costs, budget))
     end = [a["kept"] for a in allocation.kept_shares(structure)]
     gains = [e - s for s, e in zip(start, end)]
     assert gains[1] > 0.1 and gains[1] == max(gains), (start, end)
     assert gains[3] < 0, (start, end)  # the other layer's neurons paid for it
 
 
-def _train(tmp_path, name, **search):
+def _train(tmp_path, name, sparse_config=None, **search):
     from conftest import tiny_inputs
 
     model = tiny_model("llama")
@@ -82,13 +94,14 @@ def _train(tmp_path, name, **search):
                                       report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
                                       importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5,
                                       fix_masks_at=0.5, **search)
-    trainer = hs.SparseTrainer(model=model, args=args, train_dataset=data, sparse_config=hs.SparseConfig(sparsity=0.5))
+    trainer = hs.SparseTrainer(model=model, args=args, train_dataset=data,
+                               sparse_config=sparse_config or hs.SparseConfig(sparsity=0.5))
     trainer.train()
     return model, trainer
 
 
 def test_the_trainer_s_allocation_search_moves_shares_between_groups_but_keeps_the_taylor_ranking_inside(tmp_path):
-    plain, _ = _train(tmp_path, "plain")
+    plain, _ = _train(tmp_path, "plain", forward_search_steps=0)
     searched, trainer = _train(tmp_path, "alloc", forward_search_steps=8, forward_search="allocation",
                                forward_search_lr=0.3)
     taylor = hs.SparseStructure(plain).scores().cpu()  # the informed start of the same warm-up (same seed)
@@ -124,16 +137,54 @@ def test_the_hidden_objective_is_zero_for_the_dense_mask_and_reads_one_dense_tar
     assert trainer.structure_run()["forward_search_objective"] == "hidden"
 
 
-def test_allocation_settings_that_cannot_work_are_refused_before_anything_is_patched(tmp_path):
+def test_the_default_run_searches_the_allocation_and_logs_what_it_did(tmp_path):
+    args = hs.SparseTrainingArguments(output_dir=str(tmp_path))
+    assert (args.forward_search_steps, args.forward_search) == (DEFAULT_FORWARD_SEARCH_STEPS, "allocation")
+    assert hs.SparseTrainingArguments(output_dir=str(tmp_path), **PAPER_SCHEDULE).forward_search_steps == 0
+    lm = dict(importance_warmup=0.1, budget_schedule_start=0.1, budget_schedule_end=0.1, fix_masks_at=0.3)
+    assert hs.SparseTrainingArguments(output_dir=str(tmp_path), **lm).forward_search_steps == 0  # (VR-PGE follows)
+    _, trainer = _train(tmp_path, "default", logging_steps=1)  # the defaults' search (only the schedule is set)
+    assert trainer.structure_run()["forward_search_steps"] == DEFAULT_FORWARD_SEARCH_STEPS
+    logged = [row for row in trainer.state.log_history if "sparse/search_loss_end" in row]
+    assert len(logged) == 1, trainer.state.log_history  # once, at the first training log after the search
+    row = logged[0]
+    assert row["sparse/search_loss_difference"] > 0 and 0 < row["sparse/search_mask_entropy"] <= 1
+    assert 0 <= row["sparse/search_share_at_bounds"] < 1
+    kept = {k: v for k, v in row.items() if k.startswith("sparse/kept_")}
+    assert len(kept) == len(trainer.structure.groups) and all(0 < v <= 1 for v in kept.values())
+    for share in hs.SparseStructure(trainer.model).kept_counts()["neuron"]:  # what the fixed mask keeps
+        assert f"{share / 64:.6f}" in {f"{v:.6f}" for k, v in kept.items() if "neuron" in k}
+
+
+def test_with_uniform_layers_the_allocation_learns_the_split_between_heads_and_neurons_only(tmp_path):
+    """`uniform_layers` keeps the same count in every layer: one offset per kind, and the fixed mask obeys it."""
+    config = hs.SparseConfig(sparsity=0.5, uniform_layers=True)
+    model, trainer = _train(tmp_path, "uniform", sparse_config=config, forward_search_lr=0.3)
+    assert trainer.structure_run()["forward_search_steps"] == DEFAULT_FORWARD_SEARCH_STEPS
+    structure = hs.SparseStructure(model)
+    by_kind = structure.kept_counts()
+    assert all(len(set(counts)) == 1 for counts in by_kind.values()), by_kind
+    # the scores are sigmoid(z + offset - shift): one offset for every layer's heads, one for the neurons
+    z = spread_logits(trainer._importance.flat().float(), trainer._costs.cpu(), structure.sizes, temperature=3.0)
+    offset = torch.logit(structure.scores().cpu().double().clamp(1e-6, 1 - 1e-6)) - z.double()
+    for kind in ("head", "neuron"):
+        sel = torch.cat([torch.full((n,), g.kind == kind) for g, n in zip(structure.groups, structure.sizes)])
+        free = sel & (z.abs() < 5)
+        assert float(offset[free].max() - offset[free].min()) < 1e-3, kind
+    structure_, costs, z, budget = _setup()
+    kinds = [0 if g.kind == "head" else 1 for g in structure_.groups]
+    allocation = GroupAllocation(z, costs, structure_.sizes, budget, margin=0.02, shared=kinds)
+    assert allocation.offsets.numel() == 2
+    with pytest.raises(ValueError, match="offset index"):
+        GroupAllocation(z, costs, structure_.sizes, budget, margin=0.02, shared=[0, 2] * (len(kinds) // 2))
+
+
+def test_allocation_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ValueError, match="runs only with forward_search_steps > 0"):
-        hs.SparseTrainingArguments(output_dir=str(tmp_path), forward_search="allocation")
-    model = tiny_model("llama")
-    args = hs.SparseTrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
-                                      forward_search_steps=3, forward_search="allocation")
-    with pytest.raises(ValueError, match=r"uniform_layers=True\) keeps the same count"):
-        hs.SparseTrainer(model=model, args=args, train_dataset=[],
-                         sparse_config=hs.SparseConfig(sparsity=0.5, uniform_layers=True))
-    assert not hs.is_sparsified(model)
+        hs.SparseTrainingArguments(output_dir=str(tmp_path), forward_search_steps=0, forward_search_lr=0.1)
+    with pytest.raises(ValueError, match="set importance_warmup > 0"):
+        hs.SparseTrainingArguments(output_dir=str(tmp_path), forward_search_steps=4, importance_warmup=0.0,
+                                   budget_schedule_start=0.0, budget_schedule_end=0.0)
     structure, costs, z, _ = _setup()
     with pytest.raises(ValueError, match="cannot be met"):
         GroupAllocation(z, costs, structure.sizes, 0.01 * float(costs.double().sum()), margin=0.02)

@@ -39,8 +39,20 @@ def _method_section(text: str) -> str:
     return text.split("## How the structure was chosen", 1)[1].split("## Citation", 1)[0]
 
 
-def test_a_default_run_card_says_taylor_and_claims_no_vrpge(tmp_path):
-    trainer, model = _train(tmp_path)  # SparseTrainingArguments' defaults: dense half, then the informed mask fixed
+def test_a_default_run_card_names_the_forward_only_allocation_search(tmp_path):
+    trainer, model = _train(tmp_path)  # the defaults: dense half, the allocation search, the searched mask fixed
+    run = trainer.structure_run()
+    assert (run["importance_warmup_steps"], run["search_steps"], run["fixed_steps"]) == (4, 0, 4)
+    assert run["forward_search"] == "allocation" and run["forward_search_steps"] == 16
+    card = hs.render_model_card(model, "someone/base", training_args=trainer.args)
+    assert {"taylor-importance", "vr-pge", "forward-only-search"} <= set(card.data.tags)
+    method = _method_section(card.content)
+    assert "16 steps of a\nforward-only search" in method
+    assert "each group's share of the one budget" in method and "VR-PGE policy-gradient estimator" in method
+
+
+def test_a_taylor_only_run_card_says_taylor_and_claims_no_vrpge(tmp_path):
+    trainer, model = _train(tmp_path, forward_search_steps=0)  # dense half, then the informed mask fixed at once
     run = trainer.structure_run()
     assert (run["importance_warmup_steps"], run["search_steps"], run["fixed_steps"]) == (4, 0, 4)
     assert run["structure_updates"] == 0

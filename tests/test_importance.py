@@ -117,7 +117,7 @@ def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path
     args = SparseTrainingArguments(
         output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
         disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0, logging_steps=5,
-        importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25, fix_masks_at=0.8,
+        importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25, fix_masks_at=0.8, forward_search_steps=0,
     )
     seen = {}
 

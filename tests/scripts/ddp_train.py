@@ -21,11 +21,13 @@ def main():
     compute = sys.argv[2] if len(sys.argv) > 2 else "gather"
     start = sys.argv[3] if len(sys.argv) > 3 else "plain"
     schedule = dict(budget_schedule_end=0.5)
-    if start in ("informed", "forward_search"):  # 4 dense steps of Taylor importance (different data on each
-        # rank), then (forward_search: 3 forward-only steps on the frozen weights, each rank's own batches) the search
-        schedule = dict(importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25)
-        if start == "forward_search":
-            schedule["forward_search_steps"] = 3
+    if start in ("informed", "forward_search", "forward_search_units"):  # 4 dense steps of Taylor importance
+        # (different data on each rank), then (forward_search*: 3 forward-only steps on the frozen weights, each
+        # rank's own batches, of the default allocation search or of the per-unit one) the search
+        schedule = dict(importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25,
+                        forward_search_steps=0 if start == "informed" else 3)
+        if start == "forward_search_units":
+            schedule["forward_search"] = "units"
     args = hs.SparseTrainingArguments(
         output_dir=out_dir, max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=3e-3, logging_steps=4, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
