@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
             ("no informed start (scores from 1, cubic budget over the first half, fixed at 0.8)",
              {"importance_warmup": 0.0, "budget_schedule_start": 0.0, "budget_schedule_end": 0.5, "fix_masks_at": 0.8}),
             ("informed start only, no search (fixed at the end of the warm-up)",
-             {"fix_masks_at": base.get("importance_warmup", 0.0)}),
+             {"fix_masks_at": base.get("importance_warmup", 0.0), "forward_search_steps": 0}),
             ("weight_grad_samples=2", {"weight_grad_samples": 2, "mask_samples": max(2, base.get("mask_samples", 2))}),
             ("budget=units", {"budget": "units"}),
             ("plain VR-PGE (estimator=vrpge, mask_groups=1)", {"estimator": "vrpge", "mask_groups": 1}),

@@ -58,7 +58,8 @@ def main() -> None:
             output_dir=os.path.join(root, "outputs", "quality_masks"), max_steps=steps, seed=0, data_seed=0,
             report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=not torch.cuda.is_available(),
             warmup_steps=task.s.warmup, importance_warmup=warmup, budget_schedule_start=warmup,
-            budget_schedule_end=warmup, fix_masks_at=warmup, importance_ranking=ranking, **task.args(),
+            budget_schedule_end=warmup, fix_masks_at=warmup, importance_ranking=ranking, forward_search_steps=0,
+            **task.args(),
         )
         trainer = SparseTrainer(model=model, args=args, callbacks=[Stop()], **task.trainer_kwargs())
         trainer.train()

@@ -67,6 +67,9 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     rows = [("dense warm-up (every unit trained; Taylor importance read from the backward)", count(warmup)),
             (f"search (masks sampled from the keep probabilities; {estimator} updates of them)", count(search)),
             ("fixed mask (the kept units trained alone)", count(fixed))]
+    if int(run.get("forward_search_steps") or 0) and not planned:  # inside the warm-up's last step
+        rows.insert(1, ("forward-only search at the end of the warm-up (masked forwards, weights frozen)",
+                        f"{int(run['forward_search_steps']):,}"))
     if run.get("train_flops_vs_dense") is not None and not planned:
         rows.append(("training FLOPs against dense (matmul proxy)", f"{float(run['train_flops_vs_dense']):.2f}"))
     source = ("planned by the training arguments (the trainer's step counts were not available)" if planned
@@ -76,7 +79,7 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
             "updates": int(run.get("structure_updates", search) or 0), "skipped": int(run.get("skipped_updates") or 0),
             "warmed_up": warmup > 0, "fixed": fixed > 0, "counted": not planned and bool(run.get("recorded_by")),
             "forward_search_steps": int(run.get("forward_search_steps") or 0),
-            "allocation": str(run.get("forward_search")).startswith("allocation")}
+            "allocation": {"allocation": "pairs", "allocation_sampled": "sampled"}.get(str(run.get("forward_search")))}
 
 
 def _cell(text: str) -> str:

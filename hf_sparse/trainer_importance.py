@@ -65,7 +65,9 @@ class ImportanceMixin:
         self.structure.set_scores(scores)
         if self.args.forward_search_steps:
             self._forward_search(importance.to(self.structure.device), step)  # (trainer_forward_search.py)
-            scores = self.structure.scores()
+            logger.info(f"SparseTrainer: informed start after {self._importance.steps} dense steps, then the "
+                        f"forward-only search above chose the mask")
+            return
         logger.info(
             f"SparseTrainer: informed start after {self._importance.steps} dense steps: "
             f"{float((scores >= 1).float().mean()):.1%} of units start kept, {float((scores <= 0).float().mean()):.1%} "

@@ -48,7 +48,8 @@ def test_a_default_run_card_names_the_forward_only_allocation_search(tmp_path):
     assert {"taylor-importance", "vr-pge", "forward-only-search"} <= set(card.data.tags)
     method = _method_section(card.content)
     assert "16 steps of a\nforward-only search" in method
-    assert "each group's share of the one budget" in method and "VR-PGE policy-gradient estimator" in method
+    assert "pairs of masks that keep more or fewer of each group's" in method and "each group's share of the one budget" in method
+    assert "VR-PGE policy-gradient estimator" in method and "| forward-only search at the end of the warm-up (masked forwards, weights frozen) | 16 |" in method
 
 
 def test_a_taylor_only_run_card_says_taylor_and_claims_no_vrpge(tmp_path):

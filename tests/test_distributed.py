@@ -128,7 +128,7 @@ def test_sparse_trainer_under_fsdp2_matches_one_process_resumes_exactly_and_expo
     chunked = r0["chunked"]
     assert torch.equal(chunked["scores"], r1["chunked"]["scores"]) and torch.equal(chunked["masks"], r1["chunked"]["masks"])
     assert chunked["log_history"][-2]["sparse/fixed"] == 1.0
-    # the default forward-only allocation search ran at the end of the warm-up, on both ranks' losses
+    # the forward-only allocation search (the defaults') ran at the end of the warm-up, on both ranks' losses
     assert sum("sparse/search_loss_end" in h for h in chunked["log_history"]) == 1
     assert r0["refusal"] is not None and "teacher_model" in r0["refusal"]  # no warm-up teacher copy under FSDP
     for name, value in first["params"].items():
@@ -175,12 +175,12 @@ def one_process_defaults(tmp_path_factory):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sparse_trainer_under_deepspeed_zero_matches_one_process_and_resumes_exactly(tmp_path, stage, one_process_defaults):
     """DeepSpeed ZeRO-2 / ZeRO-3 through the Trainer on 2 CPU processes (DeepSpeed's CPU accelerator over gloo,
-    `use_cpu=True`), the library's default schedule (dense warm-up with the Taylor importance, then the informed
-    mask fixed, after the default allocation search): the same masks as one process on the same data, and the same
-    scores up to float rounding (the importance of each step's whole
-    batch: the ranks' gate derivatives are averaged before they are squared), the same losses, the gathered model's
-    logits within 1e-5 (measured 3e-7); resuming from checkpoint-6 ends where the uninterrupted run did; a schedule
-    with a search is refused (DeepSpeed steps its own fp32 partitions, so hf_sparse cannot hold dropped units still)."""
+    `use_cpu=True`), the library's default schedule without its forward search (dense warm-up with the Taylor
+    importance, then the informed mask fixed): the same masks and scores as one process on the same data (the
+    importance of each step's whole batch: the ranks' gate derivatives are averaged before they are squared), the same losses, the gathered model's
+    logits within 1e-5 (measured 3e-7); resuming from checkpoint-6 ends where the uninterrupted run did; with the
+    defaults' forward-only allocation search both ranks keep the same mask; a schedule with a training-time search
+    is refused (DeepSpeed steps its own fp32 partitions, so hf_sparse cannot hold dropped units still)."""
     import deepspeed  # noqa: F401  (the dev set-up installs it: Makefile; the test is not skipped without it)
     r0, r1 = torchrun_two("deepspeed_train.py", str(tmp_path), str(stage), timeout=300, DS_ACCELERATOR="cpu")
     assert r0["world"] == 2 and r0["deepspeed"] and r0["stage"] == stage
@@ -188,10 +188,15 @@ def test_sparse_trainer_under_deepspeed_zero_matches_one_process_and_resumes_exa
     for key in ("scores", "masks"):
         assert torch.equal(first[key], r1["first"][key]), key
         assert torch.equal(first[key], r0["resumed"][key]), key
-    # the default allocation search's Adam steps on the mean of the ranks' losses, one process on the whole
-    # batch's: float rounding apart (measured 1e-3 in the scores), the same mask
-    assert torch.equal(first["masks"], single["masks"])
-    torch.testing.assert_close(first["scores"], single["scores"], atol=5e-3, rtol=0)
+        assert torch.equal(first[key], single[key]), key
+    # with the defaults' forward-only allocation search: both ranks step on the mean of their losses and keep the
+    # same mask, at the budget (against one process the mean of two half-batch losses differs in the last bits,
+    # and the top-K of the shares can differ by a boundary unit, so that comparison runs without the search)
+    forward = r0["forward"]
+    assert forward["run"]["forward_search_steps"] == 3 and forward["run"]["forward_search"] == "allocation"
+    for key in ("scores", "masks"):
+        assert torch.equal(forward[key], r1["forward"][key]), key
+    assert 0.45 < float(forward["masks"].mean()) < 0.55
     assert 0 < float(first["masks"].mean()) < 1 and first["log_history"][-2]["sparse/fixed"] == 1.0
     torch.testing.assert_close(torch.tensor(first["losses"]), torch.tensor(single["losses"]), atol=1e-5, rtol=0)
     torch.testing.assert_close(first["logits"], single["logits"], atol=1e-5, rtol=0)

@@ -54,10 +54,10 @@ FSDP_ARGS = dict(
 
 # The DeepSpeed test's run (tests/scripts/deepspeed_train.py) and its one-process reference: the library's
 # default schedule (dense warm-up, then the informed mask fixed) over 8 steps, a checkpoint at step 6.
-DEEPSPEED_ARGS = dict(
+DEEPSPEED_ARGS = dict(  # the defaults' schedule without their forward search (exact against one process)
     max_steps=8, learning_rate=3e-3, logging_steps=2, save_strategy="steps", save_steps=6, report_to=[],
     disable_tqdm=True, seed=0, importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5,
-    fix_masks_at=0.5,
+    fix_masks_at=0.5, forward_search_steps=0,
 )
 
 

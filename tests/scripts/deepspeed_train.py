@@ -44,6 +44,13 @@ def main():
     trainer, first = run(os.path.join(out, "run"), stage)
     rank = trainer.accelerator.process_index
     _, resumed = run(os.path.join(out, "resumed"), stage, resume=os.path.join(out, "run", "checkpoint-6"))
+    # the defaults' forward-only allocation search under ZeRO: the ranks average their losses, so they agree
+    searched = hs.SparseTrainer(model=tiny_llama(), args=ds_args(os.path.join(out, "f"), stage, forward_search_steps=3,
+                                                                save_strategy="no"),
+                                sparse_config=hs.SparseConfig(sparsity=0.5), train_dataset=arithmetic_sequences(256))
+    searched.train()
+    forward = {"scores": searched.structure.scores().clone(), "masks": searched.structure.masks().clone(),
+               "run": searched.structure_run()}
     try:
         searching = hs.SparseTrainer(model=tiny_llama(), args=ds_args(os.path.join(out, "s"), stage, fix_masks_at=0.75),
                                      sparse_config=hs.SparseConfig(sparsity=0.5), train_dataset=arithmetic_sequences(64))
@@ -53,7 +60,7 @@ def main():
         refusal = str(e)
     result = {"world": trainer.accelerator.num_processes, "deepspeed": trainer.is_deepspeed_enabled,
               "stage": trainer.model_wrapped.zero_optimization_stage(), "first": first, "resumed": resumed,
-              "refusal": refusal}
+              "forward": forward, "refusal": refusal}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()

@@ -53,7 +53,7 @@ def main():
     gathered = trainer.unsharded_model()  # a collective: every rank calls it, the main one gets the model
     _, resumed = run(os.path.join(out, "resumed"), resume=os.path.join(out, "run", "checkpoint-4"))
     informed = dict(importance_warmup=0.25, budget_schedule_start=0.25, budget_schedule_end=0.25,
-                    gradient_accumulation_steps=2, mask_groups=2, save_strategy="no")
+                    gradient_accumulation_steps=2, mask_groups=2, save_strategy="no", forward_search_steps=3)
     _, chunked = run(os.path.join(out, "chunked"), **informed)
     try:
         hs.SparseTrainer(model=tiny_llama(), args=fsdp_args(os.path.join(out, "t"), distill_from="warmup",
