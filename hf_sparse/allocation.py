@@ -8,11 +8,13 @@ its scale differs from layer to layer (one global ranking empties whole layers),
 layer and every layer keeps the same share. A loss can compare groups, and a group's share is one number: the
 same losses that are noise for 9,288 units are signal for 12 (2 per layer).
 
-The keep probability of unit u of group g is `s_u = clamp(sigmoid(z_u + b_g - shift), margin, 1 - margin)`, with
-z the importance's within-group logits (`spread_logits`) and `shift` the one number that puts the expected cost
-on the budget. Each step draws `num_samples` masks, runs one batch through each (forward only), and the VR-PGE
-estimate of dE[L]/d logit_u, summed over a group's units, is the gradient of b_g (Adam, cosine decay). The mask
-kept at the end is the top-K of s: each group keeps about its learned share, its best units first.
+Unit u of group g ranks by `z_u + b_g`, z the importance's within-group logits (`spread_logits`), b_g the group's
+learned offset; the mask kept at the end is the top-K of that ranking filling the budget: each group keeps its
+learned share, its best units first. Two estimators of the offsets' gradient (`search_allocation`'s `policy`):
+"shares" (the defaults') draws Gaussian perturbations e of the offsets and compares the top-K masks at b + e and
+b - e on the same batch; "sampled" draws every unit from `s_u = clamp(sigmoid(z_u + b_g - shift), margin,
+1 - margin)` (`shift` puts the expected cost on the budget) and sums the per-unit VR-PGE estimates over each
+group. Both run forward passes only, with Adam and cosine decay on the offsets.
 """
 
 from __future__ import annotations
@@ -173,8 +175,9 @@ def search_allocation(
         with torch.no_grad():
             offsets.copy_(allocation.offsets)
         if step % log_every == 0 or step == steps - 1:
-            # the rows of prune_model's search: the sampled masks' mean loss and spread, the keep probabilities'
-            # entropy and share at the margins, and the expected share of each kind's cost kept
+            # the rows of prune_model's search: the step's masks' mean loss and spread, and of the keep
+            # probabilities the offsets define (what "sampled" draws from; under "shares" how sharp the ranking is
+            # at the budget's edge) the entropy, share at the margins and expected share of each kind's cost
             p = allocation.probabilities()
             log.append({"step": step + 1, "loss": float(losses_t.mean()),
                         "loss_difference": float(losses_t.max() - losses_t.min()),

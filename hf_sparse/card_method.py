@@ -16,7 +16,8 @@ def schedule_plan(args: Any) -> dict[str, Any] | None:
     w, fix = get("importance_warmup"), get("fix_masks_at")
     return None if args is None or w is None or fix is None else {
         "importance_warmup_steps": w, "search_steps": max(fix - w, 0.0), "fixed_steps": 1.0 - fix, "planned": True,
-        "estimator": get("estimator")}
+        "estimator": get("estimator"), "forward_search_steps": get("forward_search_steps") or 0,
+        "forward_search": get("forward_search")}
 
 
 def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None = None) -> dict[str, Any]:
@@ -46,7 +47,9 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
         kind, tags = "search", [t for t in (tag, "taylor-importance" if warmup else None) if t]
         name = f"the {estimator} search" + (", after an informed start from the Taylor importance" if warmup else "")
     elif warmup > 0 and fixed > 0 and int(run.get("forward_search_steps") or 0) > 0:
-        kind, tags = "taylor_forward_search", ["taylor-importance", tag or "vr-pge", "forward-only-search"]
+        # the forward-only search's estimator is VR-PGE whatever `estimator` (the training-time search's) says
+        estimator, tag = _ESTIMATOR_NAMES["vrpge"]
+        kind, tags = "taylor_forward_search", ["taylor-importance", tag, "forward-only-search"]
         what = ("of each group's share of the budget (the Taylor ranking kept inside each group)"
                 if str(run.get("forward_search")).startswith("allocation") else "of the keep probabilities")
         goal = (", scored by the distance of the last hidden states from the dense model's"
@@ -67,7 +70,7 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     rows = [("dense warm-up (every unit trained; Taylor importance read from the backward)", count(warmup)),
             (f"search (masks sampled from the keep probabilities; {estimator} updates of them)", count(search)),
             ("fixed mask (the kept units trained alone)", count(fixed))]
-    if int(run.get("forward_search_steps") or 0) and not planned:  # inside the warm-up's last step
+    if kind == "taylor_forward_search":  # inside the warm-up's last step
         rows.insert(1, ("forward-only search at the end of the warm-up (masked forwards, weights frozen)",
                         f"{int(run['forward_search_steps']):,}"))
     if run.get("train_flops_vs_dense") is not None and not planned:

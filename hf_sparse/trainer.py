@@ -121,6 +121,7 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, ForwardSe
         self._note_finite()  # no run of non-finite losses yet (trainer_faults)
         self._loss_scale = 1.0
         self._init_importance(model, args)
+        self._search_steps = 0 if self._fixed_from_start else self._planned_forward_search_steps()
         # units not computed in a step keep their weights and optimizer state (attached in create_optimizer)
         self._frozen_units = FrozenUnits(model, self.structure)
         self._dropout = SharedDropout(model)

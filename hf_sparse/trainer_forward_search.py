@@ -1,5 +1,6 @@
-"""`ForwardSearchMixin`: `forward_search_steps` steps of `prune_model`'s forward-only VR-PGE search at the end of the
-dense warm-up, on the weights of that moment, choosing the mask the trainer then uses (issue 22's lever).
+"""`ForwardSearchMixin`: `forward_search_steps` steps of a forward-only VR-PGE search at the end of the dense warm-up,
+on the weights of that moment, choosing the mask the trainer then uses: by default the allocation search
+(`hf_sparse/allocation.py`: each layer's share of the budget), or `prune_model`'s search per unit.
 
 Why here and not during training: two causes made the training-time search lose accuracy (docs/structure_tasks.md):
 the weights trained on sampled masks, and a noisy estimate of a moving objective. Frozen weights give the search a
@@ -26,11 +27,42 @@ ALLOCATION_SIGMA = 1.0  # std of the shares policy's offset perturbations: about
 
 
 class ForwardSearchMixin:
+    def _planned_forward_search_steps(self) -> int:
+        """The search steps this run will take (at construction): the arguments' (16 by default), or 0 where there
+        is nothing to choose -- a sparsity whose budget no keep probability in [margin, 1 - margin] can meet (0.0,
+        a dense control, or >= 0.98), or an allocation with a single share (one group, or one kind with
+        uniform_layers) -- with a warning instead of a failure at the end of the warm-up."""
+        steps = int(self.args.forward_search_steps or 0)
+        if not steps:
+            return 0
+        sparsity = float(self.sparse_config.sparsity)
+        if not MARGIN < sparsity < 1.0 - MARGIN:
+            logger.warning("SparseTrainer: no forward-only search at sparsity %g: it keeps every probability in "
+                           "[%g, %g], which cannot meet that budget; the Taylor mask is fixed instead "
+                           "(forward_search_steps=0 says so without this warning)", sparsity, MARGIN, 1 - MARGIN)
+            return 0
+        if self.args.forward_search.startswith("allocation") and len(self._allocation_shared()[1]) < 2:
+            logger.warning("SparseTrainer: no forward-only allocation search: the model has a single share of the "
+                           "budget to learn (one group, or one kind with uniform_layers); the Taylor mask is fixed "
+                           "instead (forward_search_steps=0 says so without this warning)")
+            return 0
+        return steps
+
+    def _allocation_shared(self) -> tuple[list[int] | None, set[int]]:
+        """Which offset each group uses (None: one each) and the offsets: one per kind with uniform_layers (every
+        layer keeps the same count, so only the split between heads and neurons is learned)."""
+        groups = self.structure.groups
+        if not self.sparse_config.uniform_layers:
+            return None, set(range(len(groups)))
+        kinds = list(dict.fromkeys(g.kind for g in groups))
+        shared = [kinds.index(g.kind) for g in groups]
+        return shared, set(shared)
+
     @torch.no_grad()
     def _forward_search(self, importance: torch.Tensor, step: int) -> None:
         """Scores spread from `importance`, then the forward-only search over fresh training batches; every rank
         draws the same masks and averages its losses with the others', so the scores stay identical."""
-        steps = int(self.args.forward_search_steps)
+        steps = self._search_steps
         structure, costs = self.structure, self._costs
         budget = self.budget_at(step)
         model = self.model_wrapped if getattr(self, "model_wrapped", None) is not None else self.model
@@ -71,8 +103,9 @@ class ForwardSearchMixin:
 
     def _log_forward_search(self, log: list[dict], steps: int, step: int) -> None:
         """The search's record, in the log and in the next training log's metrics (what a run shows in its
-        TensorBoard / W&B): the sampled masks' loss and spread, the entropy and share of keep probabilities at
-        the margins, and the share of each group's cost the fixed mask keeps (by kind and layer)."""
+        TensorBoard / W&B): the masks' loss and its spread within a step, the entropy and share at the margins of
+        the keep probabilities, the share of the budget the allocation moved between groups, and the share of
+        each group's cost the fixed mask keeps (by kind and layer)."""
         first, last = log[0], log[-1]
         logger.info("SparseTrainer: forward-only search (%s) of %d steps at step %d: sampled loss %.4f -> %.4f, "
                     "loss difference between masks %.4f -> %.4f, mask entropy %.3f, share at the margins %.3f",
@@ -81,6 +114,8 @@ class ForwardSearchMixin:
         metrics = {"search_loss_start": first["loss"], "search_loss_end": last["loss"],
                    "search_loss_difference": last["loss_difference"], "search_mask_entropy": last["mask_entropy"],
                    "search_share_at_bounds": last["share_at_bounds"]}
+        if "search_budget_moved" in self._sparse_state:
+            metrics["search_budget_moved"] = self._sparse_state["search_budget_moved"]
         for share in kept_shares(self.structure, self._costs, self.topk_mask()):
             metrics[f"kept_{share['kind']}_{share['layer']}"] = share["kept"]
         for name, value in metrics.items():
@@ -89,17 +124,15 @@ class ForwardSearchMixin:
     def _allocation_search(self, model, importance, budget, steps, lr, loss_fn, reduce):
         structure = self.structure
         z = spread_logits(importance, self._costs.cpu(), structure.sizes, TEMPERATURE)
-        shared = None
-        if self.sparse_config.uniform_layers:  # one offset per kind: the same count in every layer, the split learned
-            kinds = list(dict.fromkeys(g.kind for g in structure.groups))
-            shared = [kinds.index(g.kind) for g in structure.groups]
-        allocation = GroupAllocation(z, self._costs.cpu(), structure.sizes, budget, MARGIN, shared=shared)
-        start = allocation.kept_shares(structure)
+        allocation = GroupAllocation(z, self._costs.cpu(), structure.sizes, budget, MARGIN,
+                                     shared=self._allocation_shared()[0])
         uniform = self.sparse_config.uniform_layers
 
         def mask_of(scores):
             structure.set_scores(scores.to(structure.device))
             return structure.topk_mask(self._costs, budget, uniform=uniform)
+
+        start = allocation.kept_shares(structure, mask_of(allocation.ranking_scores().float()))  # offsets all 0
 
         policy = "sampled" if self.args.forward_search == "allocation_sampled" else "shares"
         log = search_allocation(structure, allocation, endless(self.get_train_dataloader()),
@@ -109,7 +142,12 @@ class ForwardSearchMixin:
                                 after_forward=heap_release(structure.device), policy=policy, mask_of=mask_of,
                                 sigma=ALLOCATION_SIGMA)
         final = allocation.kept_shares(structure, self.topk_mask())  # (the masks keep it: kept_counts, the card)
-        logger.info("SparseTrainer: allocation search: kept share per group (start -> top-K mask): %s",
+        # the share of the budget the search moved between groups, against the top-K of the importance alone
+        cost = [float(c.double().sum()) for c in torch.split(self._costs.cpu(), structure.sizes)]
+        gained = sum(max(0.0, (b["kept"] - a["kept"]) * c) for a, b, c in zip(start, final, cost))
+        self._sparse_state["search_budget_moved"] = gained / max(sum(b["kept"] * c for b, c in zip(final, cost)), 1e-12)
+        logger.info("SparseTrainer: allocation search: kept share per group (the importance's top-K -> the searched "
+                    "top-K; %.1f%% of the budget moved): %s", 100 * self._sparse_state["search_budget_moved"],
                     ", ".join(f"{a['kind']}{a['layer']} {a['kept']:.2f}->{b['kept']:.2f}" for a, b in zip(start, final)))
         return log
 

@@ -63,7 +63,7 @@ class ImportanceMixin:
                                         band=self.args.importance_band, group_sizes=sizes,
                                         explore=self.args.importance_explore)
         self.structure.set_scores(scores)
-        if self.args.forward_search_steps:
+        if self._search_steps:
             self._forward_search(importance.to(self.structure.device), step)  # (trainer_forward_search.py)
             logger.info(f"SparseTrainer: informed start after {self._importance.steps} dense steps, then the "
                         f"forward-only search above chose the mask")

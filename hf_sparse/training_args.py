@@ -36,7 +36,8 @@ class StructureArguments:
 
     The defaults (measured, docs/structure_tasks.md): the first half of training runs dense while each unit's
     Taylor importance is read from the ordinary backward; then a short forward-only policy-gradient search (16
-    steps of 4 sampled masks, VR-PGE, on the weights of that moment, no backward) learns how the one global budget
+    steps of 4 masked forwards -- two pairs of masks that differ only in the groups' shares --, on the weights of
+    that moment, no backward) learns how the one global budget
     is split between the groups -- each layer's heads, each layer's MLP neurons -- with the Taylor ranking kept
     inside each group; its top-K mask is fixed, and the second half trains the kept units only. On the structure
     tasks (real MiniLM, 250 steps, 3 seeds) the Taylor mask alone kept 0.684 / 0.629 accuracy at 50% sparsity

@@ -149,11 +149,23 @@ def test_the_default_run_searches_the_allocation_and_logs_what_it_did(tmp_path):
     assert len(logged) == 1, trainer.state.log_history  # once, at the first training log after the search
     row = logged[0]
     assert row["sparse/search_loss_difference"] > 0 and 0 < row["sparse/search_mask_entropy"] <= 1
-    assert 0 <= row["sparse/search_share_at_bounds"] < 1
+    assert 0 <= row["sparse/search_share_at_bounds"] < 1 and 0 <= row["sparse/search_budget_moved"] < 1
     kept = {k: v for k, v in row.items() if k.startswith("sparse/kept_")}
     assert len(kept) == len(trainer.structure.groups) and all(0 < v <= 1 for v in kept.values())
     for share in hs.SparseStructure(trainer.model).kept_counts()["neuron"]:  # what the fixed mask keeps
         assert f"{share / 64:.6f}" in {f"{v:.6f}" for k, v in kept.items() if "neuron" in k}
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.99])
+def test_a_default_run_with_no_budget_to_split_fixes_the_taylor_mask_with_a_warning(tmp_path, caplog, sparsity):
+    """A dense control (sparsity 0) or a budget beyond the margins: the default search has nothing to choose, so
+    the run fixes the Taylor mask and says why, instead of failing at the end of the warm-up."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.trainer"):
+        _, trainer = _train(tmp_path, f"s{sparsity}", sparse_config=hs.SparseConfig(sparsity=sparsity))
+    assert trainer.structure_run()["forward_search_steps"] == 0 and trainer.structure_run()["fixed_steps"] == 2
+    assert f"no forward-only search at sparsity {sparsity:g}" in caplog.text
 
 
 def test_with_uniform_layers_the_allocation_learns_the_split_between_heads_and_neurons_only(tmp_path):

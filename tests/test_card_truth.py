@@ -50,6 +50,9 @@ def test_a_default_run_card_names_the_forward_only_allocation_search(tmp_path):
     assert "16 steps of a\nforward-only search" in method
     assert "pairs of masks that keep more or fewer of each group's" in method and "each group's share of the one budget" in method
     assert "VR-PGE policy-gradient estimator" in method and "| forward-only search at the end of the warm-up (masked forwards, weights frozen) | 16 |" in method
+    # the forward-only search is VR-PGE whatever the training-time search's estimator is set to
+    other = _method_section(hs.render_model_card(model, structure_run={**run, "estimator": "disarm"}).content)
+    assert "VR-PGE policy-gradient estimator" in other and "DisARM" not in other
 
 
 def test_a_taylor_only_run_card_says_taylor_and_claims_no_vrpge(tmp_path):
@@ -133,8 +136,12 @@ def test_outside_a_trainer_the_card_says_what_the_caller_passes(monkeypatch):
     assert "taylor-importance" in card.data.tags and "as stated by the caller" in card.content
     # only the training arguments: their schedule, marked as planned
     card = hs.render_model_card(model, training_args=SparseTrainingArguments(output_dir="x", report_to=[]))
-    assert "taylor-importance" in card.data.tags and "vr-pge" not in card.data.tags
+    assert {"taylor-importance", "vr-pge", "forward-only-search"} <= set(card.data.tags)  # the defaults search
     assert "planned by the training arguments" in card.content and "| 50% of the steps |" in card.content
+    assert "(masked forwards, weights frozen) | 16 |" in card.content
+    card = hs.render_model_card(model, training_args=SparseTrainingArguments(output_dir="x", report_to=[],
+                                                                              forward_search_steps=0))
+    assert "taylor-importance" in card.data.tags and "vr-pge" not in card.data.tags
     card = hs.render_model_card(model, training_args=SparseTrainingArguments(output_dir="x", report_to=[],
                                                                               **PAPER_SCHEDULE))
     assert "vr-pge" in card.data.tags and "taylor-importance" not in card.data.tags

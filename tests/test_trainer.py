@@ -107,6 +107,31 @@ def test_resume_continues_exactly(tmp_path, accumulation):
     assert torch.equal(hs.SparseStructure(full).masks(), hs.SparseStructure(resumed).masks())
 
 
+@pytest.mark.parametrize("resume_at", [6, 18])
+def test_resume_around_the_defaults_forward_search_continues_exactly(tmp_path, resume_at):
+    """The defaults' schedule (dense half, the forward-only allocation search inside step 12, the mask fixed):
+    resumed before the search it runs again and ends on the same mask, resumed after it the saved scores hold."""
+    data = arithmetic_sequences(256)
+    kw = dict(max_steps=24, save_strategy="steps", save_steps=6, importance_warmup=0.5, budget_schedule_start=0.5,
+              budget_schedule_end=0.5, fix_masks_at=0.5, forward_search_steps=None)
+    full = tiny_llama()
+    run = SparseTrainer(model=full, args=make_args(tmp_path / "full", **kw), train_dataset=data)
+    run.train()
+    assert run.structure_run()["forward_search_steps"] == 16
+    stopped = tiny_llama()
+    SparseTrainer(model=stopped, args=make_args(tmp_path / "part", **kw), train_dataset=data,
+                  callbacks=[StopAt(resume_at)]).train()
+    resumed = tiny_llama()
+    trainer = SparseTrainer(model=resumed, args=make_args(tmp_path / "part", **kw), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / f"checkpoint-{resume_at}"))
+    assert torch.equal(hs.SparseStructure(full).masks(), hs.SparseStructure(resumed).masks())
+    assert torch.equal(hs.SparseStructure(full).scores(), hs.SparseStructure(resumed).scores())
+    a, b = full.state_dict(), resumed.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    assert trainer.structure_run()["forward_search_steps"] == 16  # counted once, before or after the resume
+
+
 @pytest.mark.parametrize(
     "overrides",
     [dict(), dict(weight_grad_samples=2), dict(score_function="exact"), dict(estimator="disarm"), dict(mask_samples=3),
