@@ -41,22 +41,22 @@ class ForwardSearchMixin:
                            "[%g, %g], which cannot meet that budget; the Taylor mask is fixed instead "
                            "(forward_search_steps=0 says so without this warning)", sparsity, MARGIN, 1 - MARGIN)
             return 0
-        if self.args.forward_search.startswith("allocation") and len(self._allocation_shared()[1]) < 2:
+        shared = self._allocation_shared()
+        offsets = len(set(shared)) if shared is not None else len(self.structure.groups)
+        if self.args.forward_search.startswith("allocation") and offsets < 2:
             logger.warning("SparseTrainer: no forward-only allocation search: the model has a single share of the "
                            "budget to learn (one group, or one kind with uniform_layers); the Taylor mask is fixed "
                            "instead (forward_search_steps=0 says so without this warning)")
             return 0
         return steps
 
-    def _allocation_shared(self) -> tuple[list[int] | None, set[int]]:
-        """Which offset each group uses (None: one each) and the offsets: one per kind with uniform_layers (every
-        layer keeps the same count, so only the split between heads and neurons is learned)."""
-        groups = self.structure.groups
+    def _allocation_shared(self) -> list[int] | None:
+        """Which offset each group uses (None: one each): one per kind with uniform_layers (every layer keeps the
+        same count, so only the split between heads and neurons is learned)."""
         if not self.sparse_config.uniform_layers:
-            return None, set(range(len(groups)))
-        kinds = list(dict.fromkeys(g.kind for g in groups))
-        shared = [kinds.index(g.kind) for g in groups]
-        return shared, set(shared)
+            return None
+        kinds = list(dict.fromkeys(g.kind for g in self.structure.groups))
+        return [kinds.index(g.kind) for g in self.structure.groups]
 
     @torch.no_grad()
     def _forward_search(self, importance: torch.Tensor, step: int) -> None:
@@ -114,8 +114,8 @@ class ForwardSearchMixin:
         metrics = {"search_loss_start": first["loss"], "search_loss_end": last["loss"],
                    "search_loss_difference": last["loss_difference"], "search_mask_entropy": last["mask_entropy"],
                    "search_share_at_bounds": last["share_at_bounds"]}
-        if "search_budget_moved" in self._sparse_state:
-            metrics["search_budget_moved"] = self._sparse_state["search_budget_moved"]
+        if "budget_moved" in last:  # the allocation search's
+            metrics["search_budget_moved"] = last["budget_moved"]
         for share in kept_shares(self.structure, self._costs, self.topk_mask()):
             metrics[f"kept_{share['kind']}_{share['layer']}"] = share["kept"]
         for name, value in metrics.items():
@@ -125,7 +125,7 @@ class ForwardSearchMixin:
         structure = self.structure
         z = spread_logits(importance, self._costs.cpu(), structure.sizes, TEMPERATURE)
         allocation = GroupAllocation(z, self._costs.cpu(), structure.sizes, budget, MARGIN,
-                                     shared=self._allocation_shared()[0])
+                                     shared=self._allocation_shared())
         uniform = self.sparse_config.uniform_layers
 
         def mask_of(scores):
@@ -145,9 +145,9 @@ class ForwardSearchMixin:
         # the share of the budget the search moved between groups, against the top-K of the importance alone
         cost = [float(c.double().sum()) for c in torch.split(self._costs.cpu(), structure.sizes)]
         gained = sum(max(0.0, (b["kept"] - a["kept"]) * c) for a, b, c in zip(start, final, cost))
-        self._sparse_state["search_budget_moved"] = gained / max(sum(b["kept"] * c for b, c in zip(final, cost)), 1e-12)
+        log[-1]["budget_moved"] = gained / max(sum(b["kept"] * c for b, c in zip(final, cost)), 1e-12)
         logger.info("SparseTrainer: allocation search: kept share per group (the importance's top-K -> the searched "
-                    "top-K; %.1f%% of the budget moved): %s", 100 * self._sparse_state["search_budget_moved"],
+                    "top-K; %.1f%% of the budget moved): %s", 100 * log[-1]["budget_moved"],
                     ", ".join(f"{a['kind']}{a['layer']} {a['kept']:.2f}->{b['kept']:.2f}" for a, b in zip(start, final)))
         return log
 

@@ -36,17 +36,18 @@ class StructureArguments:
 
     The defaults (measured, docs/structure_tasks.md): the first half of training runs dense while each unit's
     Taylor importance is read from the ordinary backward; then a short forward-only policy-gradient search (16
-    steps of 4 masked forwards -- two pairs of masks that differ only in the groups' shares --, on the weights of
-    that moment, no backward) learns how the one global budget
-    is split between the groups -- each layer's heads, each layer's MLP neurons -- with the Taylor ranking kept
-    inside each group; its top-K mask is fixed, and the second half trains the kept units only. On the structure
-    tasks (real MiniLM, 250 steps, 3 seeds) the Taylor mask alone kept 0.684 / 0.629 accuracy at 50% sparsity
-    against dense 0.693 / 0.657, where the paper's schedule (`PAPER_SCHEDULE`: search from the dense model, fixed
-    at 80%) ended at chance (0.504 / 0.507), as did random units; the allocation search ties the Taylor mask
-    there (+0.3 / -0.3 points at 50%, +1.1 on a held-out task, inside the seeds' spread) for 64 masked forwards
-    (0.05 of a 250-step run's training FLOPs), and is what makes the layers compete for the one budget instead of
-    each keeping the same share (`forward_search_steps=0`: the Taylor mask fixed at once). For pretraining from scratch use a short warm-up and
-    a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half keeps nothing there.
+    steps of 4 masked forwards: two pairs of masks that differ only in the groups' shares, on the weights of that
+    moment, no backward) learns how the one global budget is split between the groups -- each layer's heads, each
+    layer's MLP neurons -- with the Taylor ranking kept inside each group; its top-K mask is fixed, and the second
+    half trains the kept units only. On the structure tasks (real MiniLM, 250 steps, 3 seeds) the Taylor mask alone
+    kept 0.684 / 0.629 accuracy at 50% sparsity against dense 0.693 / 0.657, where the paper's schedule
+    (`PAPER_SCHEDULE`: search from the dense model, fixed at 80%) ended at chance (0.504 / 0.507), as did random
+    units; the allocation search ties the Taylor mask there (+0.3 / -0.3 points at 50%, +1.1 on a held-out task,
+    inside the seeds' spread) for 64 masked forwards (0.05 of a 250-step run's training FLOPs; at equal compute
+    the dense steps are worth more), and is what makes the layers compete for the one budget instead of each
+    keeping the same share (`forward_search_steps=0`: the Taylor mask fixed at once). For pretraining from scratch
+    use a short warm-up and a search (recipes/causal_lm.py: 0.1 / 0.1 / 0.1 / 0.3): the dense half keeps nothing
+    there.
 
     Parameters:
         > Structure optimizer
