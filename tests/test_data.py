@@ -218,3 +218,18 @@ def test_group_texts(lm, bpe):
     both = D.group_texts(DatasetDict({name: split.select(range(200)) for name, split in lm.items()}), bpe, 16)
     assert set(both) == {"train", "validation"}
     assert all(len(ids) == 16 for split in both.values() for ids in split["input_ids"])
+
+
+def test_code_corpus_split_by_file():
+    corpus = D.load_code_corpus("accelerate", validation_share=0.2)
+    train, val = set(corpus["train"]["path"]), set(corpus["validation"]["path"])
+    assert train and val and not train & val  # every file in one split only
+    assert len(val) < len(train)
+    assert "accelerator.py" in train | val and all(p.endswith(".py") for p in train | val)
+    again = D.load_code_corpus("accelerate", validation_share=0.2)
+    assert again["validation"]["path"] == corpus["validation"]["path"]  # the same split on every call
+    assert "accelerate" in corpus["train"].info.description
+    with pytest.raises(ValueError, match="validation_share"):
+        D.load_code_corpus("accelerate", validation_share=1.0)
+    with pytest.raises(ValueError, match="not installed"):
+        D.load_code_corpus("no_such_package_hf_sparse")

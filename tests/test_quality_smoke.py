@@ -1,5 +1,5 @@
 """benchmarks/quality.py end to end in quick mode: the LM task, one seed, dense and hf_sparse (seconds on 2 CPU cores),
-and the three baselines."""
+and the three baselines; benchmarks/pretrain_horizon.py's equal-FLOPs runs on a small corpus."""
 
 import importlib.util
 import json
@@ -87,3 +87,30 @@ def test_quality_quick_lm_baselines(tmp_path):
     assert runs["movement"]["flops_vs_dense"] == 1.0  # dense backward
     assert runs["random"]["flops_vs_dense"] < runs["magnitude"]["flops_vs_dense"] < 1.0  # magnitude starts dense
     assert all(t["status"] == "NOT EVALUATED" for t in results["targets"])  # no dense runs
+
+
+def test_pretrain_horizon_equal_flops(tmp_path):
+    """benchmarks/pretrain_horizon.py on a small corpus (the accelerate package's sources), 12 steps, in-process:
+    the kept-size model has hf_sparse's per-layer widths, and the equal-FLOPs runs spend hf_sparse's / dense's
+    training FLOPs (to one step)."""
+    spec = importlib.util.spec_from_file_location("pretrain_horizon", os.path.join(ROOT, "benchmarks", "pretrain_horizon.py"))
+    horizon = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(horizon)
+    out = tmp_path / "study"
+    argv = ["--steps", "12", "--seeds", "0", "--package", "accelerate", "--workers", "0", "--out", str(out),
+            "--data", str(tmp_path / "data")]
+    runs = {r["name"]: r for r in horizon.main(argv)}
+    assert set(runs) == set(horizon.ORDER)
+    sparse, small = runs["hf_sparse"], runs["small@sparse"]
+    assert small["widths"] == sparse["kept"] == runs["small@dense"]["widths"]
+    assert 0.5 < sparse["flops_per_step"] < 1.0 and small["flops_per_step"] < sparse["flops_per_step"]
+    for name, target in (("small@sparse", sparse), ("random@sparse", sparse), ("small@dense", runs["dense"])):
+        assert abs(runs[name]["train_flops"] - target["train_flops"]) <= runs[name]["flops_per_step"], name
+        assert runs[name]["steps"] > target["steps"]
+    for r in runs.values():
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+    text = (out / "results.md").read_text()
+    assert "hf_sparse at or below the kept-size dense model at equal training FLOPs" in text
+    assert ("MET" if sparse["perplexity"] <= small["perplexity"] else "MISSED") in text.split("equal training FLOPs |")[1]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["package"] == "accelerate" and len(saved["runs"]) == 5

@@ -8,6 +8,7 @@ number offline. They are not part of the training core: nothing in `hf_sparse` o
   genre   comedy / history / tragedy of a passage, split by play (`load_genre_dataset`): a sanity check
   lm      the causal-LM corpus on held-out plays, its BPE tokenizer and blocks (`load_lm_corpus`)
   pairs   the structure-sensitive tasks (`load_pair_task`): word_swap, word_replace, next_speech, line_order
+  code    a larger LM corpus: the Python sources of an installed package, split by file (`load_code_corpus`)
 
 `python -m hf_sparse.tasks` prints what the defaults build and how long it takes.
 """
@@ -20,6 +21,7 @@ from .genre import (
     split_plays,
     tokenize_genre_dataset,
 )
+from .code import load_code_corpus
 from .lm import group_texts, load_lm_corpus, train_bpe_tokenizer
 from .pairs import PAIR_TASKS, load_pair_task
 from .plays import (
@@ -47,6 +49,7 @@ __all__ = [
     "genre_features",
     "get_play",
     "group_texts",
+    "load_code_corpus",
     "load_genre_dataset",
     "load_lm_corpus",
     "load_pair_task",
