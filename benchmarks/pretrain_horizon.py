@@ -272,16 +272,16 @@ def equal_flops_steps(train_flops: float, tok, seed: int, kept) -> int:
 
 
 def equal_flops_specs(sparse: dict, tok, steps: int, package: str, tag: str) -> list[dict]:
-    """The runs one seed's hf_sparse run asks for: the kept-size model and random units at its training FLOPs,
-    the kept-size model at dense's (without a tag only: the horizon check)."""
+    """The runs one seed's hf_sparse run asks for: the kept-size model at its training FLOPs; for the recipe's
+    run (no tag) also random units at its FLOPs and the kept-size model at dense's (the horizon check)."""
     seed, kept = sparse["seed"], sparse["kept"]
     specs = [dict(key=f"small@sparse{tag}__{steps}__seed{seed}", method="small", seed=seed, kept=kept, package=package,
-                  steps=equal_flops_steps(sparse["train_flops"], tok, seed, kept)),
-             dict(key=f"random@sparse{tag}__{steps}__seed{seed}", method="random", seed=seed, package=package,
-                  steps=equal_flops_steps(sparse["train_flops"], tok, seed, random_kept(tok, seed)))]
+                  steps=equal_flops_steps(sparse["train_flops"], tok, seed, kept))]
     if not tag:
-        specs.append(dict(key=f"small@dense__{steps}__seed{seed}", method="small", seed=seed, kept=kept, package=package,
-                          steps=equal_flops_steps(float(steps), tok, seed, kept)))
+        specs += [dict(key=f"random@sparse__{steps}__seed{seed}", method="random", seed=seed, package=package,
+                       steps=equal_flops_steps(sparse["train_flops"], tok, seed, random_kept(tok, seed))),
+                  dict(key=f"small@dense__{steps}__seed{seed}", method="small", seed=seed, kept=kept, package=package,
+                       steps=equal_flops_steps(float(steps), tok, seed, kept))]
     return specs
 
 
@@ -312,7 +312,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.path.join(ROOT, "outputs", "pretrain_horizon_data"),
                    help="where the tokenizer and the packed blocks are kept (~150 MB, built once)")
     p.add_argument("--hf_sparse_args", default="{}", help="JSON: hf_sparse's arguments over the recipe's (with --tag)")
-    p.add_argument("--tag", default="", help="names a variant's hf_sparse and equal-FLOPs runs (dense is shared)")
+    p.add_argument("--tag", default="", help="names a variant's hf_sparse run and its kept-size run at equal FLOPs (dense is shared)")
     p.add_argument("--package", default="torch", help="the installed package whose Python sources are the corpus")
     p.add_argument("--workers", type=int, default=2, help="worker processes of one thread each; 0: in this process")
     a = p.parse_args(argv)

@@ -12,6 +12,7 @@ Other forms (every SparseTrainingArguments / TrainingArguments flag works, see -
 
     python recipes/causal_lm.py recipes/configs/causal_lm.json
     python recipes/causal_lm.py --sparsity 0.75 --compare_dense
+    python recipes/causal_lm.py --code_corpus torch --block_size 64 --max_steps 8000     # a longer horizon, offline
     accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml recipes/causal_lm.py
     python recipes/causal_lm.py --model_name_or_path Qwen/Qwen2-0.5B --dataset_name wikitext \
         --dataset_config_name wikitext-2-raw-v1 --block_size 512          # fine-tune an existing LM (online)
@@ -61,6 +62,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub text dataset (online). Default: the Shakespeare corpus."})
+    code_corpus: str | None = field(
+        default=None, metadata={"help": "Offline, larger: the Python sources of this installed package (e.g. torch), split by file."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
     train_file: str | None = field(default=None, metadata={"help": "A local .txt/.json/.csv training file."})
     validation_file: str | None = field(default=None, metadata={"help": "A local evaluation file."})
@@ -96,6 +100,14 @@ def load_text(data_args: DataArguments):
     """(DatasetDict train/validation of raw text, a description)."""
     import datasets
 
+    if data_args.code_corpus is not None:
+        from hf_sparse.tasks import load_code_corpus
+
+        try:
+            raw = load_code_corpus(data_args.code_corpus)
+        except ValueError as e:
+            raise SystemExit(f"--code_corpus {data_args.code_corpus!r}: {e}") from None
+        return raw.select_columns(["text"]), raw["train"].info.description.replace(", train split", "")
     if data_args.dataset_name is None and data_args.train_file is None:
         from hf_sparse import tasks as embedded
 

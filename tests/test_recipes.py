@@ -111,6 +111,18 @@ def test_causal_lm_recipe_from_scratch(tmp_path):
     assert os.path.isfile(out / "model" / "README.md")
 
 
+def test_causal_lm_code_corpus_offline():
+    """--code_corpus: an installed package's sources as the text, split by file; a package that is not there is
+    refused naming the flag."""
+    recipe = load_recipe("causal_lm")
+    raw, described = recipe.load_text(recipe.DataArguments(code_corpus="accelerate"))
+    assert raw["train"].column_names == ["text"] and len(raw["validation"]) > 0
+    assert described.startswith("Python sources of accelerate ")
+    assert not set(raw["train"]["text"]) & set(raw["validation"]["text"])
+    with pytest.raises(SystemExit, match="--code_corpus 'no_such_pkg'.*not installed"):
+        recipe.load_text(recipe.DataArguments(code_corpus="no_such_pkg"))
+
+
 def test_recipe_help_and_bad_input(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "causal_lm.py"), "--help"],
