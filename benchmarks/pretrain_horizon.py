@@ -6,7 +6,9 @@ The quality study's LM (docs/quality.md) stops at 300 steps of the 1.1M-token Sh
 smaller dense model learns faster per FLOP than the full one: a sparse run cannot be worth its search there.
 This study trains the same small Llama (hidden 128, 4 layers, 4 query / 2 key-value heads, MLP 344, BPE of 2048
 tokens, blocks of 64, batch 16, lr 1e-3 with 6% warm-up and linear decay) on the Python sources of the installed
-torch (`hf_sparse.tasks.load_code_corpus`, ~35M characters: no block is seen twice) and compares, per seed:
+torch (`hf_sparse.tasks.load_code_corpus`, ~35M characters, 11.5M tokens: the runs at hf_sparse's FLOPs see no block
+twice, the kept-size model at dense's FLOPs 1.13 epochs; the BPE is trained on the first 4M characters of the
+training files in path order) and compares, per seed:
 
   dense           the full model, N steps (plain Trainer)
   hf_sparse       SparseTrainer with the causal-LM recipe's schedule (10% dense warm-up with Taylor importance,
@@ -45,7 +47,6 @@ SETTINGS = dict(vocab=2048, tokenizer_chars=4_000_000, block=64, hidden=128, lay
 # the causal-LM recipe's arguments (recipes/causal_lm.py from scratch; everything else the library's defaults)
 HF_SPARSE_ARGS = {"structure_learning_rate": 0.1, "importance_warmup": 0.1, "budget_schedule_start": 0.1,
                   "budget_schedule_end": 0.1, "fix_masks_at": 0.3}
-CONFIG_FIELDS = ("granularity", "budget", "compute", "score_init")
 
 
 def log(msg: str) -> None:
@@ -156,6 +157,15 @@ def matmul_weights(model) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # one run (in a worker process)
 # ----------------------------------------------------------------------------------------------------------
+def config_fields() -> set[str]:
+    """SparseConfig's fields (the rest of hf_sparse's arguments are SparseTrainingArguments')."""
+    import dataclasses
+
+    from hf_sparse import SparseConfig
+
+    return {f.name for f in dataclasses.fields(SparseConfig)}
+
+
 def progress_callback(name: str):
     """One line on stderr per log of the run (the worker's Trainer prints nothing else)."""
     from transformers import TrainerCallback
@@ -198,9 +208,10 @@ def run(spec: dict, out: str, data: str) -> dict:
     else:
         model = full_model(tok, seed)
         margs = {**HF_SPARSE_ARGS, **spec.get("hf_sparse_args", {})} if method == "hf_sparse" else {}
-        config = SparseConfig(sparsity=s["sparsity"], score_init="budget", **{k: v for k, v in margs.items() if k in CONFIG_FIELDS})
+        fields = config_fields()
+        config = SparseConfig(sparsity=s["sparsity"], **{"score_init": "budget", **{k: v for k, v in margs.items() if k in fields}})
         hf_sparse.sparsify_model(model, config)
-        train_kw = {k: v for k, v in margs.items() if k not in CONFIG_FIELDS}
+        train_kw = {k: v for k, v in margs.items() if k not in fields}
         if method == "random":
             structure = SparseStructure(model)
             structure.set_masks(random_units_mask(structure, s["sparsity"], seed))
@@ -223,7 +234,9 @@ def run(spec: dict, out: str, data: str) -> dict:
         state = trainer._sparse_state
         record["flops_per_step"] = state["flops_ratio_sum"] / max(state["steps"], 1)
         record["kept"] = SparseStructure(trainer.model).kept_counts()
+        record["fixed_share"] = trainer._forward_share(SparseStructure(trainer.model).masks())  # a fixed step's FLOPs
     record["train_flops"] = record["flops_per_step"] * record["steps"]  # in dense steps
+    record["epochs"] = record["steps"] * s["batch"] / len(blocks["train"])  # > 1: some blocks seen twice
     record["curve"] = [(h["step"], math.exp(min(h["eval_loss"], 50.0))) for h in trainer.state.log_history if "eval_loss" in h]
     return record
 
@@ -235,7 +248,17 @@ def cached_run(spec: dict, out: str, data: str) -> dict:
     path = os.path.join(out, "runs", spec["key"] + ".json")
     if os.path.isfile(path):
         with open(path) as f:
-            return {**json.load(f), "name": spec["key"].split("__")[0]}
+            record = json.load(f)
+        # a kept run is reused only if it is the run asked for (a rerun of its hf_sparse run may ask another)
+        asked = {"method": spec["method"], "seed": spec["seed"], "steps": spec["steps"], "kept": spec.get("kept"),
+                 "package": spec.get("package", "torch"), "hf_sparse_args": spec.get("hf_sparse_args", {})}
+        found = {"method": record["method"], "seed": record["seed"], "steps": record["steps"],
+                 "kept": record.get("kept") if spec.get("kept") is not None else None,
+                 "package": record.get("package", "torch"), "hf_sparse_args": record.get("hf_sparse_args", {})}
+        if asked != found:
+            raise SystemExit(f"{path} holds another run ({found}) than the one asked for ({asked}): delete it, "
+                             "or choose another --out or --tag")
+        return {**record, "name": spec["key"].split("__")[0]}
     log(f"run {spec['key']} ({spec['steps']} steps)")
     record = run(spec, out, data)
     with open(path + ".tmp", "w") as f:
@@ -333,6 +356,9 @@ def main(argv=None) -> None:
     variant = json.loads(a.hf_sparse_args)
     if variant and not tag:
         raise SystemExit("--hf_sparse_args needs a --tag: the recipe's runs are kept under the untagged names")
+    if set(variant) & config_fields() - {"score_init"}:  # the kept-size and random runs read the default units
+        raise SystemExit(f"--hf_sparse_args: {sorted(set(variant) & config_fields() - {'score_init'})} change the units "
+                         "the equal-FLOPs runs are built from; only SparseTrainingArguments and score_init vary here")
     pending = {pool.submit(cached_run, dict(key=f"{m}{tag if m == 'hf_sparse' else ''}__{a.steps}__seed{seed}", method=m,
                                             seed=seed, steps=a.steps, package=a.package,
                                             **({"hf_sparse_args": variant} if m == "hf_sparse" and variant else {})),
@@ -346,8 +372,10 @@ def main(argv=None) -> None:
             if record["method"] == "hf_sparse":
                 specs = equal_flops_specs(record, tok, a.steps, a.package, tag)
                 pending |= {pool.submit(cached_run, spec, a.out, a.data) for spec in specs}
+    if a.workers > 0:
+        pool.shutdown()
     for r in records:
-        r["name"] = r["name"].replace(tag, "") if tag else r["name"]  # the report's rows
+        r["name"] = r["name"].removesuffix(tag) if tag else r["name"]  # the report's rows
     records.sort(key=lambda r: (r["seed"], ORDER.index(r["name"])))
     command = "python benchmarks/pretrain_horizon.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with open(os.path.join(a.out, f"results{tag}.json"), "w") as f:
@@ -413,25 +441,26 @@ def report(records: list[dict], steps: int, command: str, curve: list[tuple] | N
         lines.append(f"| hf_sparse at or below the kept-size dense model at equal training FLOPs | "
                      f"{'MET' if target <= 0 else 'MISSED'} ({target:+.2f}) |")
     if curve:
-        lines += ["", ("The horizon probe (`--curve`: constant learning rate after the warm-up, seed 0; the kept-size "
-                       "model uniform, 0.633 of dense's FLOPs a step): validation perplexity by step"), "",
+        share, rows = curve
+        lines += ["", (f"The horizon probe (`--curve`: constant learning rate after the warm-up, seed 0; the kept-size "
+                       f"model uniform, {share:.3f} of dense's FLOPs a step): validation perplexity by step"), "",
                   "| step | dense | kept size |", "|---|---|---|"]
-        lines += [f"| {step} | {d:.2f} | {k:.2f} |" for step, d, k in curve]
+        lines += [f"| {step} | {d:.2f} | {k:.2f} |" for step, d, k in rows]
     return "\n".join(lines) + "\n"
 
 
-def curves(out: str) -> list[tuple] | None:
-    """The --curve probe's rows (step, dense perplexity, kept-size perplexity), if it ran (seed 0)."""
-    found = {}
+def curves(out: str) -> tuple[float, list[tuple]] | None:
+    """The longest --curve probe (seed 0) that ran for both models: (the kept-size model's FLOPs share, rows of
+    step, dense perplexity, kept-size perplexity), or None."""
+    found: dict[int, dict[str, dict]] = {}
     for name in sorted(os.listdir(os.path.join(out, "runs"))):
         if name.startswith("curve__") and name.endswith("__seed0.json"):
             with open(os.path.join(out, "runs", name)) as f:
                 r = json.load(f)
-            found[r["method"]] = dict(r["curve"])
-    if set(found) != {"dense", "small"}:
+            found.setdefault(r["steps"], {})[r["method"]] = r
+    both = [steps for steps, runs in found.items() if set(runs) == {"dense", "small"}]
+    if not both:
         return None
-    return [(step, found["dense"][step], found["small"][step]) for step in sorted(found["dense"]) if step in found["small"]]
-
-
-if __name__ == "__main__":
-    main()
+    runs = found[max(both)]
+    dense, small = dict(runs["dense"]["curve"]), dict(runs["small"]["curve"])
+    return runs["small"]["flops_per_step"], [(step, dense[step], small[step]) for step in sorted(dense) if step in small]

@@ -229,6 +229,8 @@ def test_code_corpus_split_by_file():
     again = D.load_code_corpus("accelerate", validation_share=0.2)
     assert again["validation"]["path"] == corpus["validation"]["path"]  # the same split on every call
     assert "accelerate" in corpus["train"].info.description
+    # the split is a hash of the relative path: the same on every machine (checked against hashlib by hand)
+    assert "utils/dataclasses.py" in val and "accelerator.py" in train
     with pytest.raises(ValueError, match="validation_share"):
         D.load_code_corpus("accelerate", validation_share=1.0)
     with pytest.raises(ValueError, match="not installed"):

@@ -104,6 +104,13 @@ def test_pretrain_horizon_equal_flops(tmp_path):
     sparse, small = runs["hf_sparse"], runs["small@sparse"]
     assert small["widths"] == sparse["kept"] == runs["small@dense"]["widths"]
     assert 0.5 < sparse["flops_per_step"] < 1.0 and small["flops_per_step"] < sparse["flops_per_step"]
+    # the trainer's FLOPs proxy for a fixed step of hf_sparse's mask / of the random mask is the kept-size model's
+    # count of its Linear weights (two ways of counting: a shrink that kept other widths would differ)
+    assert sparse["fixed_share"] == pytest.approx(small["flops_per_step"], rel=1e-6)
+    tok, _ = horizon.load_blocks(str(tmp_path / "data"), "accelerate")
+    random_small = horizon.small_model(tok, 0, horizon.random_kept(tok, 0))
+    share = horizon.matmul_weights(random_small) / horizon.matmul_weights(horizon.full_model(tok, 0))
+    assert runs["random@sparse"]["flops_per_step"] == pytest.approx(share, rel=1e-6)
     for name, target in (("small@sparse", sparse), ("random@sparse", sparse), ("small@dense", runs["dense"])):
         assert abs(runs[name]["train_flops"] - target["train_flops"]) <= runs[name]["flops_per_step"], name
         assert runs[name]["steps"] > target["steps"]
