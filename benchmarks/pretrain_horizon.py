@@ -362,8 +362,13 @@ def main(argv=None) -> None:
     pending = {pool.submit(cached_run, dict(key=f"{m}{tag if m == 'hf_sparse' else ''}__{a.steps}__seed{seed}", method=m,
                                             seed=seed, steps=a.steps, package=a.package,
                                             **({"hf_sparse_args": variant} if m == "hf_sparse" and variant else {})),
-                           a.out, a.data) for m in ("hf_sparse", "dense") for seed in a.seeds}
+                           a.out, a.data) for m in ("hf_sparse",) + (() if tag else ("dense",)) for seed in a.seeds}
     records = []
+    for seed in a.seeds if tag else ():  # a variant runs no dense model: it reads the recipe's where they ran
+        path = os.path.join(a.out, "runs", f"dense__{a.steps}__seed{seed}.json")
+        if os.path.isfile(path):
+            records.append(cached_run(dict(key=f"dense__{a.steps}__seed{seed}", method="dense", seed=seed,
+                                           steps=a.steps, package=a.package), a.out, a.data))
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
@@ -407,7 +412,7 @@ def report(records: list[dict], steps: int, command: str, curve: list[tuple] | N
     by = {}
     for r in records:
         by.setdefault(r["name"], {})[r["seed"]] = r
-    seeds = sorted(by["dense"])
+    seeds = sorted(by["hf_sparse"])
     lines = ["# Pretraining at a horizon where size pays (issue 22, item 5)", "",
              (f"Command: `{command}` ({len(seeds)} seeds; the runs in [runs/](runs/)). hf_sparse's arguments: "
               f"`{json.dumps(hf_args)}`."), "",
@@ -464,3 +469,7 @@ def curves(out: str) -> tuple[float, list[tuple]] | None:
     runs = found[max(both)]
     dense, small = dict(runs["dense"]["curve"]), dict(runs["small"]["curve"])
     return runs["small"]["flops_per_step"], [(step, dense[step], small[step]) for step in sorted(dense) if step in small]
+
+
+if __name__ == "__main__":
+    main()

@@ -121,3 +121,9 @@ def test_pretrain_horizon_equal_flops(tmp_path):
     assert ("MET" if sparse["perplexity"] <= small["perplexity"] else "MISSED") in text.split("equal training FLOPs |")[1]
     saved = json.loads((out / "results.json").read_text())
     assert saved["package"] == "accelerate" and len(saved["runs"]) == 5
+    # the documented command line works (the study's runs above call main() directly)
+    import subprocess
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "pretrain_horizon.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--hf_sparse_args" in proc.stdout
