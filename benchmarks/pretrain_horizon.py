@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import shlex
 import os
 import sys
 import time
@@ -268,6 +269,15 @@ def cached_run(spec: dict, out: str, data: str) -> dict:
     return {**record, "name": spec["key"].split("__")[0]}
 
 
+def kept_run(out: str, key: str) -> dict | None:
+    """A finished run's record, named by its key's first part, or None."""
+    path = os.path.join(out, "runs", key + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return {**json.load(f), "name": key.split("__")[0]}
+
+
 def uniform_kept(tok) -> dict[str, list[int]]:
     """Every layer at (1 - sparsity) of its heads and neurons: the kept size of a uniform allocation."""
     keep = 1.0 - SETTINGS["sparsity"]
@@ -337,6 +347,7 @@ def main(argv=None) -> None:
     p.add_argument("--hf_sparse_args", default="{}", help="JSON: hf_sparse's arguments over the recipe's (with --tag)")
     p.add_argument("--tag", default="", help="names a variant's hf_sparse run and its kept-size run at equal FLOPs (dense is shared)")
     p.add_argument("--package", default="torch", help="the installed package whose Python sources are the corpus")
+    p.add_argument("--report_only", action="store_true", help="write the report of the runs already kept; run none")
     p.add_argument("--workers", type=int, default=2, help="worker processes of one thread each; 0: in this process")
     a = p.parse_args(argv)
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
@@ -359,7 +370,7 @@ def main(argv=None) -> None:
     if set(variant) & config_fields() - {"score_init"}:  # the kept-size and random runs read the default units
         raise SystemExit(f"--hf_sparse_args: {sorted(set(variant) & config_fields() - {'score_init'})} change the units "
                          "the equal-FLOPs runs are built from; only SparseTrainingArguments and score_init vary here")
-    pending = {pool.submit(cached_run, dict(key=f"{m}{tag if m == 'hf_sparse' else ''}__{a.steps}__seed{seed}", method=m,
+    pending = set() if a.report_only else {pool.submit(cached_run, dict(key=f"{m}{tag if m == 'hf_sparse' else ''}__{a.steps}__seed{seed}", method=m,
                                             seed=seed, steps=a.steps, package=a.package,
                                             **({"hf_sparse_args": variant} if m == "hf_sparse" and variant else {})),
                            a.out, a.data) for m in ("hf_sparse",) + (() if tag else ("dense",)) for seed in a.seeds}
@@ -369,6 +380,17 @@ def main(argv=None) -> None:
         if os.path.isfile(path):
             records.append(cached_run(dict(key=f"dense__{a.steps}__seed{seed}", method="dense", seed=seed,
                                            steps=a.steps, package=a.package), a.out, a.data))
+    if a.report_only:  # what has run, no new run: a study stopped early still reports (rows need every seed)
+        pending = set()
+        for key in [f"{m}__{a.steps}__seed{seed}" for m in (f"hf_sparse{tag}",) + (() if tag else ("dense",))
+                    for seed in a.seeds]:
+            record = kept_run(a.out, key)
+            if record is None:
+                continue
+            records.append(record)
+            if record["method"] == "hf_sparse":
+                found = [kept_run(a.out, spec["key"]) for spec in equal_flops_specs(record, tok, a.steps, a.package, tag)]
+                records += [r for r in found if r is not None]
     while pending:
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
@@ -382,7 +404,7 @@ def main(argv=None) -> None:
     for r in records:
         r["name"] = r["name"].removesuffix(tag) if tag else r["name"]  # the report's rows
     records.sort(key=lambda r: (r["seed"], ORDER.index(r["name"])))
-    command = "python benchmarks/pretrain_horizon.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/pretrain_horizon.py", *(argv if argv is not None else sys.argv[1:])])
     with open(os.path.join(a.out, f"results{tag}.json"), "w") as f:
         json.dump({"settings": SETTINGS, "hf_sparse_args": {**HF_SPARSE_ARGS, **variant}, "steps": a.steps, "package": a.package,
                    "command": command, "runs": records}, f, indent=1)
@@ -397,7 +419,7 @@ def main(argv=None) -> None:
 # the report
 # ----------------------------------------------------------------------------------------------------------
 ORDER = ("dense", "hf_sparse", "small@sparse", "random@sparse", "small@dense")
-DESCRIBED = {"dense": "dense, full size", "hf_sparse": "hf_sparse (the causal-LM recipe's schedule)",
+DESCRIBED = {"dense": "dense, full size", "hf_sparse": "hf_sparse (the arguments above)",
              "small@sparse": "dense of the kept size, at hf_sparse's FLOPs", "random@sparse": "random fixed units, at hf_sparse's FLOPs",
              "small@dense": "dense of the kept size, at dense's FLOPs"}
 
@@ -409,42 +431,54 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(records: list[dict], steps: int, command: str, curve: list[tuple] | None, hf_args: dict) -> str:
-    by = {}
+    """The study's tables; a row (a paired difference) over the seeds it has (both have), n given where it is not
+    every seed of the hf_sparse runs."""
+    by: dict[str, dict[int, dict]] = {}
     for r in records:
         by.setdefault(r["name"], {})[r["seed"]] = r
+    if "hf_sparse" not in by:
+        raise SystemExit("no hf_sparse run is kept under --out for these --steps / --seeds / --tag")
     seeds = sorted(by["hf_sparse"])
+
+    def n_of(found: list) -> str:
+        return "" if len(found) == len(seeds) else f" (n={len(found)})"
+
     lines = ["# Pretraining at a horizon where size pays (issue 22, item 5)", "",
              (f"Command: `{command}` ({len(seeds)} seeds; the runs in [runs/](runs/)). hf_sparse's arguments: "
               f"`{json.dumps(hf_args)}`."), "",
              "| run | steps | training FLOPs (dense steps) | validation perplexity | per seed |", "|---|---|---|---|---|"]
     for name in ORDER:
         rows = [by.get(name, {}).get(s) for s in seeds]
-        if any(r is None for r in rows):
+        rows = [r for r in rows if r is not None]
+        if not rows:
             continue
-        lines.append(f"| {DESCRIBED[name]} | {sum(r['steps'] for r in rows) / len(rows):.0f} | "
-                     f"{sum(r['train_flops'] for r in rows) / len(rows):.0f} | {mean_std([r['perplexity'] for r in rows])} | "
+        lines.append(f"| {DESCRIBED[name]}{n_of(rows)} | {sum(r['steps'] for r in rows) / len(rows):.0f} | "
+                     f"{sum(r['train_flops'] for r in rows) / len(rows):.0f} | "
+                     f"{mean_std([r['perplexity'] for r in rows])} | "
                      + ", ".join(f"{r['perplexity']:.2f}" for r in rows) + " |")
     lines += ["", "Paired differences (perplexity, per seed; negative: the first is better):", ""]
     verdicts = []
     for a, b, what in (("dense", "small@dense", "the horizon: full dense against the kept-size model at equal FLOPs"),
                        ("hf_sparse", "small@sparse", "hf_sparse against the kept-size model at equal FLOPs (the target)"),
                        ("random@sparse", "small@sparse", "random fixed units against the kept-size model at equal FLOPs"),
+                       ("hf_sparse", "random@sparse", "hf_sparse against random fixed units at equal FLOPs"),
                        ("hf_sparse", "dense", "hf_sparse against full dense at equal steps")):
-        if a not in by or b not in by or any(s not in by[a] or s not in by[b] for s in seeds):
+        common = [s for s in seeds if s in by.get(a, {}) and s in by.get(b, {})]
+        if not common:
             continue
-        diffs = [by[a][s]["perplexity"] - by[b][s]["perplexity"] for s in seeds]
+        diffs = [by[a][s]["perplexity"] - by[b][s]["perplexity"] for s in common]
         mean = sum(diffs) / len(diffs)
-        lines.append(f"- {what}: {mean:+.2f} ({', '.join(f'{d:+.2f}' for d in diffs)})")
-        verdicts.append((a, b, mean))
-    target = next((m for a, b, m in verdicts if (a, b) == ("hf_sparse", "small@sparse")), None)
-    horizon = next((m for a, b, m in verdicts if (a, b) == ("dense", "small@dense")), None)
+        lines.append(f"- {what}{n_of(common)}: {mean:+.2f} ({', '.join(f'{d:+.2f}' for d in diffs)})")
+        verdicts.append((a, b, f"{mean:+.2f}{n_of(common)}", mean))
+    target = next((v for v in verdicts if v[:2] == ("hf_sparse", "small@sparse")), None)
+    horizon = next((v for v in verdicts if v[:2] == ("dense", "small@dense")), None)
     lines += ["", "| check | status |", "|---|---|"]
     if horizon is not None:
         lines.append(f"| the full dense model beats the kept-size one at equal FLOPs (the horizon is long enough) | "
-                     f"{'yes' if horizon < 0 else 'no'} ({horizon:+.2f}) |")
+                     f"{'yes' if horizon[3] < 0 else 'no'} ({horizon[2]}) |")
     if target is not None:
         lines.append(f"| hf_sparse at or below the kept-size dense model at equal training FLOPs | "
-                     f"{'MET' if target <= 0 else 'MISSED'} ({target:+.2f}) |")
+                     f"{'MET' if target[3] <= 0 else 'MISSED'} ({target[2]}) |")
     if curve:
         share, rows = curve
         lines += ["", (f"The horizon probe (`--curve`: constant learning rate after the warm-up, seed 0; the kept-size "
