@@ -24,7 +24,7 @@ training files in path order) and compares, per seed:
 FLOPs are the trainer's proxy (`sparse/train_flops_vs_dense`: the matmul weights, the LM head included; a search
 step counts its extra forwards). The runs take two worker processes of one thread each (no time is compared).
 
-    python benchmarks/pretrain_horizon.py --steps 8000 --seeds 0 1 2      # writes docs/pretrain_horizon/ (~75 min)
+    python benchmarks/pretrain_horizon.py --steps 8000 --seeds 0 1 2      # writes docs/pretrain_horizon/ (~110 min)
     python benchmarks/pretrain_horizon.py --curve --steps 6000            # dense vs small, constant lr, eval every 500
 
 Every run is kept as JSON under --out/runs (a rerun skips finished runs); the tokenizer and blocks under --data.
