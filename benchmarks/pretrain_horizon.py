@@ -74,8 +74,6 @@ def load_blocks(cache: str, package: str = "torch"):
     if os.path.isfile(marker):
         with open(marker) as f:
             built = f.read().strip()
-    elif os.path.isdir(blocks_dir):
-        built = "torch"  # (the first build wrote no marker)
     if built not in (None, package):
         raise SystemExit(f"--data {cache} holds the blocks of {built!r}, not {package!r}: pass another --data folder")
     if not os.path.isdir(blocks_dir):
@@ -180,7 +178,7 @@ def progress_callback(name: str):
     return Progress()
 
 
-def run(spec: dict, out: str, data: str) -> dict:
+def run(spec: dict, data: str) -> dict:
     from transformers import Trainer, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback
 
@@ -261,7 +259,7 @@ def cached_run(spec: dict, out: str, data: str) -> dict:
                              "or choose another --out or --tag")
         return {**record, "name": spec["key"].split("__")[0]}
     log(f"run {spec['key']} ({spec['steps']} steps)")
-    record = run(spec, out, data)
+    record = run(spec, data)
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -278,7 +276,7 @@ def kept_run(out: str, key: str) -> dict | None:
         return {**json.load(f), "name": key.split("__")[0]}
 
 
-def uniform_kept(tok) -> dict[str, list[int]]:
+def uniform_kept() -> dict[str, list[int]]:
     """Every layer at (1 - sparsity) of its heads and neurons: the kept size of a uniform allocation."""
     keep = 1.0 - SETTINGS["sparsity"]
     return {"head": [round(SETTINGS["kv_heads"] * keep)] * SETTINGS["layers"],
@@ -358,7 +356,7 @@ def main(argv=None) -> None:
             if a.workers > 0 else InlineExecutor())
     if a.curve:
         specs = [dict(key=f"curve__{m}__{a.steps}__seed{seed}", method=m, seed=seed, steps=a.steps, curve=500,
-                      kept=uniform_kept(tok), package=a.package) for seed in a.seeds for m in ("dense", "small")]
+                      kept=uniform_kept(), package=a.package) for seed in a.seeds for m in ("dense", "small")]
         records = list(pool.map(cached_run, specs, [a.out] * len(specs), [a.data] * len(specs)))
         print(json.dumps([{k: r[k] for k in ("method", "seed", "flops_per_step", "curve")} for r in records]))
         return
@@ -381,7 +379,6 @@ def main(argv=None) -> None:
             records.append(cached_run(dict(key=f"dense__{a.steps}__seed{seed}", method="dense", seed=seed,
                                            steps=a.steps, package=a.package), a.out, a.data))
     if a.report_only:  # what has run, no new run: a study stopped early still reports (rows need every seed)
-        pending = set()
         for key in [f"{m}__{a.steps}__seed{seed}" for m in (f"hf_sparse{tag}",) + (() if tag else ("dense",))
                     for seed in a.seeds]:
             record = kept_run(a.out, key)
@@ -485,7 +482,8 @@ def report(records: list[dict], steps: int, command: str, curve: list[tuple] | N
     if curve:
         share, rows = curve
         lines += ["", (f"The horizon probe (`--curve`: constant learning rate after the warm-up, seed 0; the kept-size "
-                       f"model uniform, {share:.3f} of dense's FLOPs a step): validation perplexity by step"), "",
+                       f"model uniform, {share:.3f} of dense's FLOPs a step): validation perplexity by each model's own step, so "
+                       f"at equal FLOPs the kept size's step s compares with dense's step {share:.3f} s"), "",
                   "| step | dense | kept size |", "|---|---|---|"]
         lines += [f"| {step} | {d:.2f} | {k:.2f} |" for step, d, k in rows]
     return "\n".join(lines) + "\n"

@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
 
-def package_sources(package: str) -> list[str]:
-    """The ``.py`` files of an installed package, as paths relative to its folder, sorted."""
+def package_sources(package: str) -> tuple[str, list[str]]:
+    """(the folder of an installed package, its ``.py`` files as paths relative to it, sorted)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"package {package!r} is not installed as a folder; install it or choose another package")
@@ -28,7 +28,7 @@ def package_sources(package: str) -> list[str]:
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         found += [os.path.relpath(os.path.join(folder, f), root) for f in sorted(files) if f.endswith(".py")]
-    return sorted(found)
+    return root, sorted(found)
 
 
 def load_code_corpus(package: str = "torch", validation_share: float = 0.05,
@@ -50,8 +50,7 @@ def load_code_corpus(package: str = "torch", validation_share: float = 0.05,
     if not 0.0 < validation_share < 1.0:
         raise ValueError(f"validation_share must be in (0, 1), got {validation_share}")
     rows: dict[str, list[tuple[str, str]]] = {"train": [], "validation": []}
-    sources = package_sources(package)  # (refuses a package that is not installed)
-    root = next(iter(importlib.util.find_spec(package).submodule_search_locations))
+    root, sources = package_sources(package)  # (refuses a package that is not installed)
     for rel in sources:
         with open(os.path.join(root, rel), encoding="utf-8", errors="replace") as f:
             text = f.read()
