@@ -73,6 +73,9 @@ def structure_method(run: Mapping[str, Any] | str | None, score_init: str | None
     if kind == "taylor_forward_search":  # inside the warm-up's last step
         rows.insert(1, ("forward-only search at the end of the warm-up (masked forwards, weights frozen)",
                         f"{int(run['forward_search_steps']):,}"))
+    if int(run.get("warmup_extension_steps") or 0) and not planned:
+        rows.insert(1, ("... of which past importance_warmup (the loss was still at its starting level)",
+                        f"{int(run['warmup_extension_steps']):,}"))
     if run.get("train_flops_vs_dense") is not None and not planned:
         rows.append(("training FLOPs against dense (matmul proxy)", f"{float(run['train_flops_vs_dense']):.2f}"))
     source = ("planned by the training arguments (the trainer's step counts were not available)" if planned

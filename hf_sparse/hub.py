@@ -48,7 +48,7 @@ _KEY_TRAINING_ARGS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
     "max_steps", "seed",
     # SparseTrainingArguments: the structure search
-    "structure_learning_rate", "estimator", "mask_samples", "score_function", "importance_warmup",
+    "structure_learning_rate", "estimator", "mask_samples", "score_function", "importance_warmup", "warmup_loss_drop",
     "budget_schedule_start", "budget_schedule_end", "fix_masks_at",
 )
 # Never shown: secrets and local paths.

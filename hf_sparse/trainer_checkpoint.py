@@ -31,6 +31,7 @@ from .folders import (
     write_dropped,
 )
 from .model_state import STRUCTURE_RUN_ATTR, get_sparse_config, is_sparsified
+from .warmup_loss import WarmupLoss
 
 from accelerate.utils.constants import FSDP_MODEL_NAME  # "pytorch_model_fsdp": the FSDP model file / folder
 
@@ -256,6 +257,7 @@ class CheckpointMixin:
                     "sparse_state": dict(self._sparse_state),
                     "scores": self.structure.scores().cpu(),
                     "importance": self._importance.state_dict() if self._importance is not None else None,
+                    "warmup_loss": self._warmup_loss.state_dict() if self._warmup_loss is not None else None,
                     "sparse_config": self.sparse_config.to_dict(),
                 },
                 os.path.join(folder, STRUCTURE_STATE_NAME),
@@ -288,10 +290,13 @@ class CheckpointMixin:
                 raise ValueError(missing_dropped_message(checkpoint, units))
         if not os.path.isfile(os.path.join(checkpoint, STRUCTURE_STATE_NAME)):
             step, max_steps = checkpoint_steps(checkpoint)
-            if not self._fixed_from_start and (self.args.fix_masks_at >= 1.0 or step < self.fix_step(max_steps)):
+            # the warm-up may have been extended (by how much is in the missing file): the latest fixing counts
+            fix = self.fix_step(max_steps) + self.max_warmup_extension(max_steps)
+            if not self._fixed_from_start and (self.args.fix_masks_at >= 1.0 or step < fix):
                 raise ValueError(
                     f"{checkpoint} has no {STRUCTURE_STATE_NAME}, and at its step ({step}) the mask is not fixed yet "
-                    f"(fixed at step {self.fix_step(max_steps)}): the structure optimizer's state and the accumulated "
+                    f"(fixed at step {fix}{' at the latest' if fix != self.fix_step(max_steps) else ''}): the "
+                    "structure optimizer's state and the accumulated "
                     "importance would start afresh, and the run would go on to another structure than the "
                     f"uninterrupted one. Copy {STRUCTURE_STATE_NAME} back, or resume from a complete checkpoint"
                 )
@@ -323,6 +328,9 @@ class CheckpointMixin:
         self.structure.set_scores(state["scores"].to(self.structure.device))
         if self._importance is not None and state.get("importance") is not None:
             self._importance.load_state_dict(state["importance"])
+        if state.get("warmup_loss") is not None:
+            self._warmup_loss = WarmupLoss(1)
+            self._warmup_loss.load_state_dict(state["warmup_loss"])
         teacher_path = os.path.join(checkpoint, TEACHER_STATE_NAME)
         if self._distiller is not None and self.args.distill_from == "warmup" and os.path.isfile(teacher_path):
             teacher = frozen_copy(self.accelerator.unwrap_model(self.model))

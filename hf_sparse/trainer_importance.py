@@ -11,6 +11,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .importance import TaylorImportance, scores_from_importance
+from .warmup_loss import WarmupLoss, still_at_start
 
 logger = logging.get_logger("hf_sparse.trainer")
 
@@ -19,6 +20,8 @@ class ImportanceMixin:
     def _init_importance(self, model: nn.Module, args) -> None:
         """The state this part owns: the importance accumulator, when the run has an informed start."""
         self._importance: TaylorImportance | None = None
+        self._warmup_loss: WarmupLoss | None = None  # made at the first warm-up step (its window needs max_steps)
+        self._warmup_step_loss = None
         if args.importance_warmup > 0 and not self._fixed_from_start:
             self._importance = TaylorImportance(model, self.structure)
 
@@ -31,6 +34,9 @@ class ImportanceMixin:
             self._record_flops(3.0, kind="importance_warmup")
         with self._importance.track():
             loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.warmup_loss_window():  # the step's loss: the sum over its micro-batches, as the Trainer logs it
+            part = loss.detach().float()
+            self._warmup_step_loss = part if self._warmup_step_loss is None else self._warmup_step_loss + part
         if self.accelerator.sync_gradients:
             reduce = None
             if self.accelerator.num_processes > 1:  # the derivatives of the whole step's batch, before squaring
@@ -42,9 +48,59 @@ class ImportanceMixin:
                 self._note_finite()
             else:
                 self._note_nonfinite(step, "the dense warm-up's gate derivatives")
+            if self._warmup_step_loss is not None:
+                self._record_warmup_loss(float(self._warmup_step_loss))
+                self._warmup_step_loss = None
             if not self.in_importance_warmup(step + 1):
-                self._informed_start(step + 1)
+                if self._warmup_goes_on(step + 1):
+                    self._sparse_state["warmup_extension_steps"] = self.warmup_extension() + 1
+                else:
+                    self._informed_start(step + 1)
         return loss
+
+    def _record_warmup_loss(self, loss: float) -> None:
+        if self._warmup_loss is None:  # (20 steps a window of the defaults' 125-step warm-up in a 250-step run)
+            self._warmup_loss = WarmupLoss(self.warmup_loss_window())
+        self._warmup_loss.add(loss)
+
+    def _warmup_goes_on(self, step: int) -> bool:
+        """At the end of the planned warm-up, and after each step it was extended by: True while the training loss
+        is still at its starting level (warmup_loss_drop) and the extension may go on (warmup_extend_until). The
+        levels are averaged over the ranks, so every rank decides alike."""
+        a = self.args
+        if not self.warmup_loss_window() or self._warmup_loss is None:
+            return False
+        latest = self.latest_warmup_step()
+        if step >= latest:
+            if self.warmup_extension():
+                start, now = self._warmup_levels()
+                logger.warning(
+                    f"SparseTrainer: the training loss is still at its starting level at step {step} ({now:.4g}, "
+                    f"started at {start:.4g}), where the warm-up's extension ends (warmup_extend_until="
+                    f"{a.warmup_extend_until}); the mask is read now, before the task is learned. Train for more "
+                    "steps or with a higher learning rate, or set --warmup_loss_drop 0 to read it at importance_warmup"
+                )
+            return False
+        start, now = self._warmup_levels()
+        goes_on = still_at_start(start, now, a.warmup_loss_drop)
+        if goes_on and not self.warmup_extension():
+            logger.info(
+                f"SparseTrainer: at step {step}, the end of the planned warm-up, the training loss is still at its "
+                f"starting level ({now:.4g} over the last {self._warmup_loss.window} steps, {start:.4g} over the "
+                f"first; warmup_loss_drop={a.warmup_loss_drop} asks for {(1 - a.warmup_loss_drop) * start:.4g}): the "
+                f"dense warm-up goes on until it falls, at most to step {latest}, and the fixing moves with it"
+            )
+        elif not goes_on and self.warmup_extension():
+            logger.info(f"SparseTrainer: the training loss left its starting level ({now:.4g} against {start:.4g}); "
+                        f"the warm-up ends at step {step}, {self.warmup_extension()} steps after the planned end")
+        return goes_on
+
+    def _warmup_levels(self) -> tuple[float, float]:
+        start, now = self._warmup_loss.levels()
+        if self.accelerator.num_processes > 1:
+            levels = torch.tensor([start, now], dtype=torch.float32, device=self.args.device)
+            start, now = (float(x) for x in self.accelerator.reduce(levels, reduction="mean").cpu())
+        return start, now
 
     @torch.no_grad()
     def _informed_start(self, step: int) -> None:

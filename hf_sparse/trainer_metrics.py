@@ -98,6 +98,7 @@ class MetricsMixin:
             **{f"{kind}_steps": int(s.get(f"{kind}_steps", 0)) for kind in STEP_KINDS},
             "structure_updates": int(s.get("structure_updates", 0)),
             "forward_search_steps": int(s.get("forward_search_steps", 0)),
+            "warmup_extension_steps": int(s.get("warmup_extension_steps", 0)),
             "forward_search": a.forward_search,
             "forward_search_objective": a.forward_search_objective,
             "skipped_updates": int(s.get("skipped_updates", 0)),

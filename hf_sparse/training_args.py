@@ -85,6 +85,16 @@ class StructureArguments:
             averaged over steps) is read off the ordinary backward; then the keep probabilities start from
             it, projected onto the budget, and the search refines them. The budget must reach its target by
             then (`budget_schedule_end <= importance_warmup`). `0`: off.
+        warmup_loss_drop (`float`, defaults to `0.02`):
+            A warm-up read before the task is learned ranks units by noise. If at the end of importance_warmup the
+            training loss (the mean of the latest sixth of the warm-up's steps) has not fallen by this share below
+            its starting level (the mean of the first sixth), the dense warm-up goes on, step by step, until it
+            has, and the fixing moves with it (logged; `structure_run()["warmup_extension_steps"]`). A task
+            learned early changes nothing; a warm-up under 12 steps is never extended (too few steps for a level).
+            `0`: off (the warm-up ends at importance_warmup).
+        warmup_extend_until (`float`, defaults to `0.8`):
+            The latest fraction of training the extension may move the fixing to (the warm-up's end as far, less
+            the planned steps between them); a loss still at its level there is warned about, and the mask read.
         importance_band (`float`, defaults to `0.25`):
             Share of the total cost left uncertain (0 < s < 1) at the informed start; the rest starts at 1 or 0.
         importance_explore (`float`, defaults to `0.0`):
@@ -181,6 +191,18 @@ class StructureArguments:
                           "importance is accumulated from the ordinary backward; at its end the keep probabilities "
                           "start from that importance, projected onto the budget, and the search refines them. "
                           "0: off (scores start as SparseConfig.score_init says)."},
+    )
+    warmup_loss_drop: float = field(
+        default=0.02,
+        metadata={"help": "With importance_warmup: while the training loss has not fallen by this share below its "
+                          "starting level (the latest sixth of the warm-up's steps against the first), the dense "
+                          "warm-up goes on past importance_warmup and the fixing moves with it, up to "
+                          "warmup_extend_until. 0: off."},
+    )
+    warmup_extend_until: float = field(
+        default=0.8,
+        metadata={"help": "The latest fraction of training that extending the warm-up (warmup_loss_drop) may move "
+                          "the fixing to."},
     )
     importance_band: float = field(
         default=0.25,
@@ -326,6 +348,11 @@ class StructureArguments:
             )
         if not 0.0 <= self.importance_warmup < 1.0:
             raise ValueError(f"importance_warmup is a fraction of training in [0, 1), got {self.importance_warmup}")
+        if not 0.0 <= self.warmup_loss_drop < 1.0:
+            raise ValueError(f"warmup_loss_drop is a share of the starting loss in [0, 1), got {self.warmup_loss_drop}; "
+                             "e.g. --warmup_loss_drop 0.02, or 0 to end the warm-up at importance_warmup")
+        if not 0.0 <= self.warmup_extend_until <= 1.0:
+            raise ValueError(f"warmup_extend_until is a fraction of training in [0, 1], got {self.warmup_extend_until}")
         if not 0.0 < self.importance_band <= 1.0:
             raise ValueError(f"importance_band must be in (0, 1], got {self.importance_band}")
         if not 0.0 <= self.score_margin < 0.5:

@@ -29,7 +29,7 @@ def torchrun_two(script: str, *args: str, timeout: int = 600, **env) -> tuple[di
             torch.load(os.path.join(out, "rank1.pt"), weights_only=False))
 
 
-@pytest.mark.parametrize("start", ["plain", "informed", "forward_search", "forward_search_units"])
+@pytest.mark.parametrize("start", ["plain", "informed", "forward_search", "forward_search_units", "extended"])
 def test_two_processes_agree_on_masks_scores_and_weights(tmp_path, start):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -64,12 +64,20 @@ def test_two_processes_agree_on_masks_scores_and_weights(tmp_path, start):
         # scores above agree bit for bit (without the average they part at the first step)
         assert r0["structure_run"]["forward_search_steps"] == 3 == r1["structure_run"]["forward_search_steps"]
         assert r0["structure_run"]["forward_search"] == ("units" if start.endswith("units") else "allocation")
+    if start == "extended":
+        # rank 1's loss is 2 higher (1 per micro-batch): alone, rank 0 would end the warm-up at step 12 and rank 1
+        # later; the mean of their levels ended it on both at step 16 (the masks and weights above agree)
+        runs = r0["structure_run"], r1["structure_run"]
+        assert runs[0]["warmup_extension_steps"] == runs[1]["warmup_extension_steps"] == 4
+        assert runs[0]["fixed_steps"] == runs[1]["fixed_steps"] == 8
+        (start0, now0), (start1, now1) = r0["warmup_levels"], r1["warmup_levels"]
+        assert now0 / start0 < 0.88 < now1 / start1 and (now0 + now1) / (start0 + start1) <= 0.88
     if start != "plain":
         # each rank saw its own batches, but every step's gate derivatives were averaged over the ranks before
         # they were squared: both hold the importance of the whole step's batch, bit for bit
         assert torch.equal(r0["importance"], r1["importance"]) and float(r0["importance"].sum()) > 0
         first = r0["log_history"][0]["sparse/train_flops_vs_dense"]
-        if start == "informed":
+        if start in ("informed", "extended"):
             assert first == 1.0  # the warm-up steps were dense
         else:  # the forward-only search's forwards are counted with the warm-up's last step: 4 dense steps + 3 x 4
             assert 1.0 < first < 2.0  # forwards of half the units (1/3 of a step each): about 1.5

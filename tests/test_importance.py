@@ -1,5 +1,7 @@
 """The informed start: Taylor importance of every unit and the keep probabilities built from it."""
 
+import logging
+
 import pytest
 import torch
 
@@ -148,10 +150,78 @@ def test_importance_warmup_trains_dense_then_starts_from_the_importance(tmp_path
     "bad, field",
     [(dict(importance_warmup=1.0), "importance_warmup"), (dict(importance_warmup=-0.1), "importance_warmup"),
      (dict(importance_band=0.0), "importance_band"), (dict(importance_ranking="layer"), "importance_ranking"),
-     (dict(importance_explore=1.0), "importance_explore"),
+     (dict(importance_explore=1.0), "importance_explore"), (dict(warmup_loss_drop=1.0), "warmup_loss_drop"),
+     (dict(warmup_extend_until=1.5), "warmup_extend_until"),
      (dict(importance_warmup=0.3, budget_schedule_start=0.0, budget_schedule_end=0.0, fix_masks_at=0.2), "importance_warmup=0.3"),
      (dict(importance_warmup=0.1, budget_schedule_end=0.5), "budget_schedule_end")],
 )
 def test_importance_arguments_are_checked(tmp_path, bad, field):
     with pytest.raises(ValueError, match=field):
         SparseTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **bad)
+
+
+def _warmup_run(tmp_path, data, **kw):
+    """The defaults' schedule (warm-up to 0.5, then the Taylor mask fixed) over 24 steps, the extension on."""
+    args = SparseTrainingArguments(
+        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
+        disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0, logging_steps=4, forward_search_steps=0, **kw,
+    )
+    seen = {}
+
+    class Spy(SparseTrainer):
+        def _informed_start(self, step):
+            seen["step"] = step
+            super()._informed_start(step)
+
+    trainer = Spy(model=tiny_llama(), args=args, sparse_config=SparseConfig(sparsity=0.5), train_dataset=data)
+    trainer.train()
+    return trainer, seen
+
+
+def _constant_sequences(n: int = 192):
+    """Every token the same random draw per row: nothing to learn past the unigram, the loss stays flat."""
+    g = torch.Generator().manual_seed(0)
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": ids, "labels": ids}
+                              for ids in torch.randint(0, 64, (n, 16), generator=g).tolist()])
+
+
+def test_warmup_goes_on_while_the_loss_is_at_its_starting_level(tmp_path, caplog):
+    # random tokens: the loss never falls 2% below where it started, so the warm-up runs to warmup_extend_until
+    # (0.75 of 24 steps = 18), the fixing with it, and the run says so
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        trainer, seen = _warmup_run(tmp_path / "flat", _constant_sequences(), warmup_loss_drop=0.5,
+                                    warmup_extend_until=0.75)
+    assert seen["step"] == 18 and trainer.warmup_extension() == 6 and trainer.fix_step() == 18
+    run = trainer.structure_run()
+    assert run["importance_warmup_steps"] == 18 and run["fixed_steps"] == 6 and run["warmup_extension_steps"] == 6
+    assert "still at its starting level at step 18" in caplog.text
+    card = hs.render_model_card(trainer.model, "someone/base", training_args=trainer.args).content
+    assert "| ... of which past importance_warmup (the loss was still at its starting level) | 6 |" in card
+    # a learnable task leaves its level in the planned warm-up: nothing moves
+    trainer, seen = _warmup_run(tmp_path / "learned", arithmetic_sequences(192), warmup_loss_drop=0.02)
+    assert seen["step"] == 12 and trainer.warmup_extension() == 0 and trainer.structure_run()["fixed_steps"] == 12
+
+
+def test_warmup_extension_ends_when_the_loss_falls(tmp_path):
+    # a drop the task reaches a few steps after the planned end: the warm-up ends there, before the latest step
+    trainer, seen = _warmup_run(tmp_path, arithmetic_sequences(192), warmup_loss_drop=0.12, warmup_extend_until=1.0)
+    start, now = trainer._warmup_loss.levels()
+    assert 12 < seen["step"] < 24 and trainer.warmup_extension() == seen["step"] - 12
+    assert now <= 0.88 * start
+    assert trainer.structure_run()["fixed_steps"] == 24 - seen["step"]
+
+
+def test_warmup_loss_windows():
+    from hf_sparse.warmup_loss import WarmupLoss, still_at_start
+
+    w = WarmupLoss(2)
+    for x in (4.0, 2.0, 9.0, 1.0, 3.0):
+        w.add(x)
+    assert w.levels() == (3.0, 2.0)  # the first two steps, the latest two
+    w2 = WarmupLoss(1)
+    w2.load_state_dict(w.state_dict())
+    assert w2.levels() == (3.0, 2.0) and w2.window == 2
+    assert still_at_start(1.0, 0.99, 0.02) and not still_at_start(1.0, 0.97, 0.02)
+    assert not still_at_start(-1.0, -0.5, 0.02) and not still_at_start(1.0, float("nan"), 0.02)

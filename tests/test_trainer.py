@@ -132,6 +132,33 @@ def test_resume_around_the_defaults_forward_search_continues_exactly(tmp_path, r
     assert trainer.structure_run()["forward_search_steps"] == 16  # counted once, before or after the resume
 
 
+def test_resume_inside_an_extended_warmup_continues_exactly(tmp_path):
+    """A warm-up extended while the loss is at its starting level (warmup_loss_drop), checkpointed inside the
+    extension: the resumed run reads the saved levels and extension, ends the warm-up on the same step and fixes
+    the same mask on the same weights."""
+    data = arithmetic_sequences(256)
+    kw = dict(max_steps=24, save_strategy="steps", save_steps=14, importance_warmup=0.5, budget_schedule_start=0.5,
+              budget_schedule_end=0.5, fix_masks_at=0.5, forward_search_steps=0, warmup_loss_drop=0.12,
+              warmup_extend_until=1.0)
+    full = tiny_llama()
+    run = SparseTrainer(model=full, args=make_args(tmp_path / "full", **kw), train_dataset=data)
+    run.train()
+    extension = run.structure_run()["warmup_extension_steps"]
+    assert 14 - 12 < extension < 24 - 12  # the checkpoint is inside the extension, which ends before the run
+    stopped = tiny_llama()
+    SparseTrainer(model=stopped, args=make_args(tmp_path / "part", **kw), train_dataset=data,
+                  callbacks=[StopAt(14)]).train()
+    resumed = tiny_llama()
+    trainer = SparseTrainer(model=resumed, args=make_args(tmp_path / "part", **kw), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-14"))
+    assert trainer.structure_run()["warmup_extension_steps"] == extension
+    assert trainer.structure_run()["importance_warmup_steps"] == run.structure_run()["importance_warmup_steps"]
+    assert torch.equal(hs.SparseStructure(full).masks(), hs.SparseStructure(resumed).masks())
+    a, b = full.state_dict(), resumed.state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [dict(), dict(weight_grad_samples=2), dict(score_function="exact"), dict(estimator="disarm"), dict(mask_samples=3),

@@ -12,7 +12,11 @@ segments that need the encoder's grasp of English (dialogue flow, clause order),
   (which keeps the play's word frequencies)? Only how the words fit together decides it.
 - ``swap_where`` (3 classes): a verse line as written, or two adjacent different words swapped in its first
   half, or in its second half. The same bag of words in all three: the model must find a break in the syntax
-  and say where it is. Kept out of the tuning of the defaults (issue 22's held-out task).
+  and say where it is. Kept out of the tuning of the defaults (issue 22's held-out task) until the warm-up's
+  extension (`warmup_loss_drop`), which was designed on its loss curves.
+- ``span_match``: is segment B (four consecutive words of verse line A) copied in A's order, or with two of its
+  adjacent words swapped? The two segments hold the same words either way, so no bag of words decides it: the
+  model must line the span up against its place in A (held out of the tuning of the warm-up's extension).
 
 Train and test split by play (the genre task's test plays), one example per seeded draw, classes balanced.
 Why these: the study needs tasks on which a good structure and a random one differ (the genre task is solved,
@@ -27,10 +31,11 @@ from typing import Sequence
 
 from .plays import DEFAULT_TEST_PLAYS, PLAYS, play_speeches
 
-PAIR_TASKS = ("next_speech", "line_order", "word_swap", "word_replace", "swap_where")
+PAIR_TASKS = ("next_speech", "line_order", "word_swap", "word_replace", "swap_where", "span_match")
 LABELS = {"next_speech": ["not next", "next"], "line_order": ["swapped", "in order"],
           "word_swap": ["two words swapped", "as written"], "word_replace": ["a word replaced", "as written"],
-          "swap_where": ["as written", "swap in the first half", "swap in the second half"]}
+          "swap_where": ["as written", "swap in the first half", "swap in the second half"],
+          "span_match": ["two words swapped", "as in A"]}
 
 
 def _head(text: str, words: int) -> str:
@@ -135,8 +140,26 @@ def _swap_where_pairs(key: str, words: int, rng: random.Random) -> list[tuple[st
     return rows
 
 
+def _span_match_pairs(key: str, words: int, rng: random.Random) -> list[tuple[str, str, int]]:
+    """A verse line of at least 8 words and four consecutive words of it (B): in A's order (1), or with two
+    adjacent different words of the four swapped (0)."""
+    rows = []
+    for w in _verse_lines(key, words):
+        if len(w) < 8:
+            continue
+        start = rng.randrange(len(w) - 3)
+        span = w[start:start + 4]
+        if rng.random() < 0.5:
+            rows.append((" ".join(w), " ".join(span), 1))
+            continue
+        span = _swapped(span, range(3), rng)
+        if span is not None:
+            rows.append((" ".join(w), " ".join(span), 0))
+    return rows
+
+
 _BUILDERS = {"next_speech": _next_speech_pairs, "line_order": _line_order_pairs, "word_swap": _word_swap_pairs,
-             "word_replace": _word_replace_pairs, "swap_where": _swap_where_pairs}
+             "word_replace": _word_replace_pairs, "swap_where": _swap_where_pairs, "span_match": _span_match_pairs}
 _SINGLE = ("word_swap", "word_replace", "swap_where")  # one segment: text_pair is empty
 
 

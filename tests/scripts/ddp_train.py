@@ -16,6 +16,16 @@ from trainer_helpers import arithmetic_sequences, tiny_llama  # noqa: E402
 import hf_sparse as hs  # noqa: E402
 
 
+class RankOffsetLoss(hs.SparseTrainer):
+    """Each rank's loss raised by its rank (1.0 on rank 1): the same gradients, but warm-up loss levels whose own
+    relative drop would end the warm-up on different steps; only the ranks' mean decides, alike on both."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        offset = float(self.accelerator.process_index)
+        return (out[0] + offset,) + tuple(out[1:]) if isinstance(out, tuple) else out + offset
+
+
 def main():
     out_dir = sys.argv[1]
     compute = sys.argv[2] if len(sys.argv) > 2 else "gather"
@@ -28,13 +38,19 @@ def main():
                         forward_search_steps=0 if start == "informed" else 3)
         if start == "forward_search_units":
             schedule["forward_search"] = "units"
+    if start == "extended":  # a 12-step warm-up whose loss falls by the asked share a few steps after its end: the
+        # ranks' own losses differ, their mean decides when it ends (and where the mask is fixed) on both
+        schedule = dict(importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5,
+                        forward_search_steps=0, warmup_loss_drop=0.12,
+                        warmup_extend_until=1.0)
     args = hs.SparseTrainingArguments(
-        output_dir=out_dir, max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        output_dir=out_dir, max_steps=24 if start == "extended" else 16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=3e-3, logging_steps=4, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        **schedule, fix_masks_at=0.75, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
+        **{"fix_masks_at": 0.5 if start == "extended" else 0.75, **schedule}, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
     )
     model = tiny_llama()
-    trainer = hs.SparseTrainer(
+    trainer_class = RankOffsetLoss if start == "extended" else hs.SparseTrainer
+    trainer = trainer_class(
         model=model, args=args, sparse_config=hs.SparseConfig(sparsity=0.5, compute=compute),
         train_dataset=arithmetic_sequences(256),
     )
@@ -48,6 +64,7 @@ def main():
         "log_history": trainer.state.log_history,
         "importance": trainer._importance.flat().cpu() if trainer._importance is not None else None,
         "structure_run": trainer.structure_run(),
+        "warmup_levels": trainer._warmup_loss.levels() if trainer._warmup_loss is not None else None,
     }
     torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     trainer.accelerator.wait_for_everyone()

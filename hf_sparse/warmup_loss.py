@@ -1,0 +1,50 @@
+"""The dense warm-up's training loss, read to tell whether the task has started to be learned.
+
+A mask is only as good as the training it is read after: read while the loss is still at its starting level
+(a classifier at chance), the Taylor importance ranks units by noise and every criterion tried picks the same poor
+structure (docs/structure_tasks.md). `WarmupLoss` keeps two windows of the warm-up's per-step losses, the first
+`window` steps (the starting level) and the latest `window` (where the loss is now); `SparseTrainer` extends the
+warm-up while the latest window has not fallen `warmup_loss_drop` below the first (docs/method.md §11).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class WarmupLoss:
+    """Per-step training losses of the dense warm-up: the mean of the first `window` steps and of the latest."""
+
+    def __init__(self, window: int):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 step, got {window}")
+        self.window = window
+        self.first: list[float] = []
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def add(self, loss: float) -> None:
+        if len(self.first) < self.window:
+            self.first.append(loss)
+        self.recent.append(loss)
+
+    def levels(self) -> tuple[float, float]:
+        """(starting level, current level); NaN before any step."""
+        if not self.first:
+            return float("nan"), float("nan")
+        return sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "first": list(self.first), "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window = int(state["window"])
+        self.first = [float(x) for x in state["first"]]
+        self.recent = deque((float(x) for x in state["recent"]), maxlen=self.window)
+
+
+def still_at_start(start: float, now: float, drop: float) -> bool:
+    """True while the loss has not fallen `drop` (a share of the starting level) below where it started. A
+    non-positive or non-finite level never holds the warm-up back (a relative drop means nothing there)."""
+    if not (start > 0 and now == now and start != float("inf")):
+        return False
+    return now > (1.0 - drop) * start
