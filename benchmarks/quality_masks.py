@@ -59,6 +59,7 @@ def main() -> None:
             report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=not torch.cuda.is_available(),
             warmup_steps=task.s.warmup, importance_warmup=warmup, budget_schedule_start=warmup,
             budget_schedule_end=warmup, fix_masks_at=warmup, importance_ranking=ranking, forward_search_steps=0,
+            warmup_loss_drop=0,  # the mask read at a fixed step: stop_at above counts on it
             **task.args(),
         )
         trainer = SparseTrainer(model=model, args=args, callbacks=[Stop()], **task.trainer_kwargs())

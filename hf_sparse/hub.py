@@ -49,6 +49,7 @@ _KEY_TRAINING_ARGS = (
     "max_steps", "seed",
     # SparseTrainingArguments: the structure search
     "structure_learning_rate", "estimator", "mask_samples", "score_function", "importance_warmup", "warmup_loss_drop",
+    "warmup_extend_until",
     "budget_schedule_start", "budget_schedule_end", "fix_masks_at",
 )
 # Never shown: secrets and local paths.

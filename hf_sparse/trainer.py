@@ -154,6 +154,7 @@ class SparseTrainingMixin(ScheduleMixin, FaultsMixin, ImportanceMixin, ForwardSe
         self._step_masks: torch.Tensor | None = None
         self._step_mask_step = -1
         self._step_losses: torch.Tensor | None = None
+        self._warmup_step_loss = None  # the dense warm-up's loss of the step in progress (its micro-batches)
 
     def _create_structure_optimizer(self):
         params = [g.scores for g in self.structure]

@@ -291,14 +291,16 @@ class CheckpointMixin:
         if not os.path.isfile(os.path.join(checkpoint, STRUCTURE_STATE_NAME)):
             step, max_steps = checkpoint_steps(checkpoint)
             # the warm-up may have been extended (by how much is in the missing file): the latest fixing counts
-            fix = self.fix_step(max_steps) + self.max_warmup_extension(max_steps)
+            planned = self.fix_step(max_steps)
+            fix = planned + self.max_warmup_extension(max_steps)
             if not self._fixed_from_start and (self.args.fix_masks_at >= 1.0 or step < fix):
+                when = f"is not fixed yet (fixed at step {fix})" if fix == planned else (
+                    f"may not be fixed yet (planned at step {planned}, at step {fix} at the latest)")
                 raise ValueError(
-                    f"{checkpoint} has no {STRUCTURE_STATE_NAME}, and at its step ({step}) the mask is not fixed yet "
-                    f"(fixed at step {fix}{' at the latest' if fix != self.fix_step(max_steps) else ''}): the "
-                    "structure optimizer's state and the accumulated "
-                    "importance would start afresh, and the run would go on to another structure than the "
-                    f"uninterrupted one. Copy {STRUCTURE_STATE_NAME} back, or resume from a complete checkpoint"
+                    f"{checkpoint} has no {STRUCTURE_STATE_NAME}, and at its step ({step}) the mask {when}: the "
+                    "structure optimizer's state and the accumulated importance would start afresh, and the run "
+                    f"would go on to another structure than the uninterrupted one. Copy {STRUCTURE_STATE_NAME} back, "
+                    "or resume from a complete checkpoint"
                 )
             logger.warning(f"{checkpoint} has no {STRUCTURE_STATE_NAME}; the mask is fixed at that step, so only the "
                            "sparse/ running counters (FLOPs ratio, skipped updates) start afresh")

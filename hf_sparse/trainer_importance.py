@@ -4,6 +4,7 @@ accumulated importance, projected onto the budget."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ class ImportanceMixin:
             else:
                 self._note_nonfinite(step, "the dense warm-up's gate derivatives")
             if self._warmup_step_loss is not None:
-                self._record_warmup_loss(float(self._warmup_step_loss))
+                self._record_warmup_loss(step, self._warmup_step_loss)
                 self._warmup_step_loss = None
             if not self.in_importance_warmup(step + 1):
                 if self._warmup_goes_on(step + 1):
@@ -58,49 +59,50 @@ class ImportanceMixin:
                     self._informed_start(step + 1)
         return loss
 
-    def _record_warmup_loss(self, loss: float) -> None:
+    def _record_warmup_loss(self, step: int, loss: torch.Tensor) -> None:
+        """The step's loss, averaged over the ranks first: every rank holds the same levels (and the checkpoint
+        the main process writes holds every rank's), so all decide alike, also after a resume."""
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss.to(self.args.device), reduction="mean")
         if self._warmup_loss is None:  # (20 steps a window of the defaults' 125-step warm-up in a 250-step run)
-            self._warmup_loss = WarmupLoss(self.warmup_loss_window())
-        self._warmup_loss.add(loss)
+            self._warmup_loss = WarmupLoss(self.warmup_loss_window(), start_step=step)
+        value = float(loss)
+        if math.isfinite(value):  # an overflowing step is left out of the levels (trainer_faults handles it)
+            self._warmup_loss.add(value)
 
     def _warmup_goes_on(self, step: int) -> bool:
         """At the end of the planned warm-up, and after each step it was extended by: True while the training loss
-        is still at its starting level (warmup_loss_drop) and the extension may go on (warmup_extend_until). The
-        levels are averaged over the ranks, so every rank decides alike."""
+        is still at its starting level (warmup_loss_drop) and the extension may go on (warmup_extend_until)."""
         a = self.args
-        if not self.warmup_loss_window() or self._warmup_loss is None:
+        levels = self._warmup_loss
+        # levels read from the run's first step only: a resume from a checkpoint written without them (before
+        # they existed) has no starting level, and its latest steps would pass for one
+        if not self.warmup_loss_window() or levels is None or levels.start_step != 0 or not levels.full():
             return False
+        start, now = levels.levels()
+        at_start = still_at_start(start, now, a.warmup_loss_drop)
         latest = self.latest_warmup_step()
         if step >= latest:
-            if self.warmup_extension():
-                start, now = self._warmup_levels()
+            if at_start:
                 logger.warning(
                     f"SparseTrainer: the training loss is still at its starting level at step {step} ({now:.4g}, "
-                    f"started at {start:.4g}), where the warm-up's extension ends (warmup_extend_until="
-                    f"{a.warmup_extend_until}); the mask is read now, before the task is learned. Train for more "
-                    "steps or with a higher learning rate, or set --warmup_loss_drop 0 to read it at importance_warmup"
+                    f"started at {start:.4g}), where the warm-up may last at the longest (warmup_extend_until="
+                    f"{a.warmup_extend_until}, fix_masks_at={a.fix_masks_at}); the mask is read now, before the task is "
+                    "learned. Train for more steps or with a higher learning rate, raise --warmup_extend_until, or "
+                    "set --warmup_loss_drop 0 to read it at importance_warmup without this check"
                 )
             return False
-        start, now = self._warmup_levels()
-        goes_on = still_at_start(start, now, a.warmup_loss_drop)
-        if goes_on and not self.warmup_extension():
-            logger.info(
+        if at_start and not self.warmup_extension():
+            logger.warning(
                 f"SparseTrainer: at step {step}, the end of the planned warm-up, the training loss is still at its "
-                f"starting level ({now:.4g} over the last {self._warmup_loss.window} steps, {start:.4g} over the "
-                f"first; warmup_loss_drop={a.warmup_loss_drop} asks for {(1 - a.warmup_loss_drop) * start:.4g}): the "
-                f"dense warm-up goes on until it falls, at most to step {latest}, and the fixing moves with it"
+                f"starting level ({now:.4g} over the last {levels.window} steps, {start:.4g} over the first; "
+                f"warmup_loss_drop={a.warmup_loss_drop} asks for {(1 - a.warmup_loss_drop) * start:.4g}): the dense "
+                f"warm-up goes on until it falls, at most to step {latest}, and the fixing moves with it"
             )
-        elif not goes_on and self.warmup_extension():
+        elif not at_start and self.warmup_extension():
             logger.info(f"SparseTrainer: the training loss left its starting level ({now:.4g} against {start:.4g}); "
                         f"the warm-up ends at step {step}, {self.warmup_extension()} steps after the planned end")
-        return goes_on
-
-    def _warmup_levels(self) -> tuple[float, float]:
-        start, now = self._warmup_loss.levels()
-        if self.accelerator.num_processes > 1:
-            levels = torch.tensor([start, now], dtype=torch.float32, device=self.args.device)
-            start, now = (float(x) for x in self.accelerator.reduce(levels, reduction="mean").cpu())
-        return start, now
+        return at_start
 
     @torch.no_grad()
     def _informed_start(self, step: int) -> None:

@@ -86,7 +86,8 @@ class ScheduleMixin:
         if self.args.fix_masks_at < 1.0 and not all(bool(g.fixed) for g in self.structure):
             logger.warning(
                 f"SparseTrainer: the run ended at step {self.state.global_step}, before its mask is fixed (step "
-                f"{self.fix_step()}: fix_masks_at={self.args.fix_masks_at} of {self.state.max_steps} steps), so the "
+                f"{self.fix_step()}: fix_masks_at={self.args.fix_masks_at} of {self.state.max_steps} steps"
+                f"{f', moved {self.warmup_extension()} steps by the extended warm-up' if self.warmup_extension() else ''}), so the "
                 "model's structure is not fixed (masks_fixed is False). Train for more steps, or fix the current "
                 "top-K mask with hf_sparse.fix_masks(model)"
             )

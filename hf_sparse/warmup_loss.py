@@ -9,16 +9,18 @@ warm-up while the latest window has not fallen `warmup_loss_drop` below the firs
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
 class WarmupLoss:
     """Per-step training losses of the dense warm-up: the mean of the first `window` steps and of the latest."""
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, start_step: int = 0):
         if window < 1:
             raise ValueError(f"window must be >= 1 step, got {window}")
         self.window = window
+        self.start_step = start_step  # the training step of the first loss (0 unless resumed without the levels)
         self.first: list[float] = []
         self.recent: deque[float] = deque(maxlen=window)
 
@@ -27,6 +29,10 @@ class WarmupLoss:
             self.first.append(loss)
         self.recent.append(loss)
 
+    def full(self) -> bool:
+        """Both windows hold `window` steps."""
+        return len(self.first) == self.window and len(self.recent) == self.window
+
     def levels(self) -> tuple[float, float]:
         """(starting level, current level); NaN before any step."""
         if not self.first:
@@ -34,10 +40,12 @@ class WarmupLoss:
         return sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "first": list(self.first), "recent": list(self.recent)}
+        return {"window": self.window, "start_step": self.start_step, "first": list(self.first),
+                "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict) -> None:
         self.window = int(state["window"])
+        self.start_step = int(state["start_step"])
         self.first = [float(x) for x in state["first"]]
         self.recent = deque((float(x) for x in state["recent"]), maxlen=self.window)
 
@@ -45,6 +53,6 @@ class WarmupLoss:
 def still_at_start(start: float, now: float, drop: float) -> bool:
     """True while the loss has not fallen `drop` (a share of the starting level) below where it started. A
     non-positive or non-finite level never holds the warm-up back (a relative drop means nothing there)."""
-    if not (start > 0 and now == now and start != float("inf")):
+    if not (math.isfinite(start) and math.isfinite(now) and start > 0):
         return False
     return now > (1.0 - drop) * start

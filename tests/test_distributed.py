@@ -36,7 +36,7 @@ def test_two_processes_agree_on_masks_scores_and_weights(tmp_path, start):
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            os.path.join(HERE, "scripts", "ddp_train.py"), str(tmp_path), "gather", start]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # (each run: ~15 s)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
@@ -65,13 +65,15 @@ def test_two_processes_agree_on_masks_scores_and_weights(tmp_path, start):
         assert r0["structure_run"]["forward_search_steps"] == 3 == r1["structure_run"]["forward_search_steps"]
         assert r0["structure_run"]["forward_search"] == ("units" if start.endswith("units") else "allocation")
     if start == "extended":
-        # rank 1's loss is 2 higher (1 per micro-batch): alone, rank 0 would end the warm-up at step 12 and rank 1
-        # later; the mean of their levels ended it on both at step 16 (the masks and weights above agree)
+        # rank 1's loss is 2 higher (1 per micro-batch): by its own levels rank 0 would end the warm-up at step 12
+        # and rank 1 later (and wait there forever for rank 0's next collective); each step's loss is averaged
+        # over the ranks before it enters the levels, so both hold the same levels and end it at step 16
         runs = r0["structure_run"], r1["structure_run"]
         assert runs[0]["warmup_extension_steps"] == runs[1]["warmup_extension_steps"] == 4
         assert runs[0]["fixed_steps"] == runs[1]["fixed_steps"] == 8
-        (start0, now0), (start1, now1) = r0["warmup_levels"], r1["warmup_levels"]
-        assert now0 / start0 < 0.88 < now1 / start1 and (now0 + now1) / (start0 + start1) <= 0.88
+        assert r0["warmup_levels"] == r1["warmup_levels"]
+        first_level, last_level = r0["warmup_levels"]
+        assert 5.0 < first_level < 5.3 and last_level <= 0.88 * first_level  # the ranks' mean (about 4.1 and 6.1)
     if start != "plain":
         # each rank saw its own batches, but every step's gate derivatives were averaged over the ranks before
         # they were squared: both hold the importance of the whole step's batch, bit for bit

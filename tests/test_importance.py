@@ -162,10 +162,10 @@ def test_importance_arguments_are_checked(tmp_path, bad, field):
 
 def _warmup_run(tmp_path, data, **kw):
     """The defaults' schedule (warm-up to 0.5, then the Taylor mask fixed) over 24 steps, the extension on."""
-    args = SparseTrainingArguments(
-        output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
-        disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0, logging_steps=4, forward_search_steps=0, **kw,
-    )
+    args = SparseTrainingArguments(**{
+        **dict(output_dir=str(tmp_path), max_steps=24, per_device_train_batch_size=8, learning_rate=3e-3,
+               report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=True, seed=0, logging_steps=4,
+               forward_search_steps=0), **kw})
     seen = {}
 
     class Spy(SparseTrainer):
@@ -225,3 +225,34 @@ def test_warmup_loss_windows():
     assert w2.levels() == (3.0, 2.0) and w2.window == 2
     assert still_at_start(1.0, 0.99, 0.02) and not still_at_start(1.0, 0.97, 0.02)
     assert not still_at_start(-1.0, -0.5, 0.02) and not still_at_start(1.0, float("nan"), 0.02)
+
+
+def test_a_resume_without_the_saved_levels_does_not_extend_the_warmup(tmp_path):
+    # a checkpoint written before the levels were saved (simulated: the key removed), resumed inside the warm-up:
+    # the resumed run has no starting level, so it must not take its latest steps for one and extend the warm-up
+    from transformers import TrainerCallback
+
+    from hf_sparse.trainer_checkpoint import STRUCTURE_STATE_NAME
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    kw = dict(save_strategy="steps", save_steps=6, warmup_loss_drop=0.5, warmup_extend_until=0.75)
+    full, _ = _warmup_run(tmp_path / "full", _constant_sequences(), **kw)
+    assert full.warmup_extension() == 6  # uninterrupted, with its levels: extended to the cap
+    args = SparseTrainingArguments(
+        output_dir=str(tmp_path / "part"), max_steps=24, per_device_train_batch_size=8, learning_rate=3e-3,
+        report_to=[], disable_tqdm=True, use_cpu=True, seed=0, forward_search_steps=0, **kw)
+    SparseTrainer(model=tiny_llama(), args=args, sparse_config=SparseConfig(sparsity=0.5),
+                  train_dataset=_constant_sequences(), callbacks=[StopAt()]).train()
+    path = tmp_path / "part" / "checkpoint-6" / STRUCTURE_STATE_NAME
+    state = torch.load(path, weights_only=True)
+    assert state["warmup_loss"]["start_step"] == 0 and len(state["warmup_loss"]["first"]) == 2
+    del state["warmup_loss"]
+    torch.save(state, path)
+    resumed = SparseTrainer(model=tiny_llama(), args=args, sparse_config=SparseConfig(sparsity=0.5),
+                            train_dataset=_constant_sequences())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-6"))
+    assert resumed.warmup_extension() == 0 and resumed._warmup_loss.start_step == 6
+    assert resumed.structure_run()["importance_warmup_steps"] == 12

@@ -91,7 +91,7 @@ def _phase_boundaries(trainer) -> list[int]:
     if not isinstance(trainer, SparseTrainer) or trainer._fixed_from_start:
         return []
     a = trainer.args
-    return [trainer._fraction_step(a.budget_schedule_end), trainer._fraction_step(a.fix_masks_at)]
+    return [trainer._fraction_step(a.budget_schedule_end), trainer.fix_step()]  # (moved by an extended warm-up)
 
 
 def execute(spec: RunSpec, task, out_tmp: str) -> dict[str, Any]:
