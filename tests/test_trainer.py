@@ -86,77 +86,54 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_resume_continues_exactly(tmp_path, accumulation):
+def full_and_resumed(tmp_path, kw: dict, at: int):
+    """An uninterrupted run and the same run stopped at step `at` and resumed from its checkpoint there (every
+    weight checked equal, the masks too); returns both trainers."""
     data = arithmetic_sequences(256)
-    kw = dict(max_steps=24, save_strategy="steps", save_steps=12, gradient_accumulation_steps=accumulation,
-              per_device_train_batch_size=8 // accumulation, budget_schedule_end=0.5, fix_masks_at=0.75)
-    full = tiny_llama()
-    SparseTrainer(model=full, args=make_args(tmp_path / "full", **kw), train_dataset=data).train()
-
-    stopped = tiny_llama()
-    SparseTrainer(model=stopped, args=make_args(tmp_path / "part", **kw), train_dataset=data,
-                  callbacks=[StopAt(12)]).train()
-    resumed = tiny_llama()
-    trainer = SparseTrainer(model=resumed, args=make_args(tmp_path / "part", **kw), train_dataset=data)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-12"))
-
-    a, b = full.state_dict(), resumed.state_dict()
+    full = SparseTrainer(model=tiny_llama(), args=make_args(tmp_path / "full", **kw), train_dataset=data)
+    full.train()
+    SparseTrainer(model=tiny_llama(), args=make_args(tmp_path / "part", **kw), train_dataset=data,
+                  callbacks=[StopAt(at)]).train()
+    resumed = SparseTrainer(model=tiny_llama(), args=make_args(tmp_path / "part", **kw), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / f"checkpoint-{at}"))
+    a, b = full.model.state_dict(), resumed.model.state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
-    assert torch.equal(hs.SparseStructure(full).masks(), hs.SparseStructure(resumed).masks())
+    assert torch.equal(full.structure.masks(), resumed.structure.masks())
+    return full, resumed
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_continues_exactly(tmp_path, accumulation):
+    kw = dict(max_steps=24, save_strategy="steps", save_steps=12, gradient_accumulation_steps=accumulation,
+              per_device_train_batch_size=8 // accumulation, budget_schedule_end=0.5, fix_masks_at=0.75)
+    full_and_resumed(tmp_path, kw, 12)
 
 
 @pytest.mark.parametrize("resume_at", [6, 18])
 def test_resume_around_the_defaults_forward_search_continues_exactly(tmp_path, resume_at):
     """The defaults' schedule (dense half, the forward-only allocation search inside step 12, the mask fixed):
     resumed before the search it runs again and ends on the same mask, resumed after it the saved scores hold."""
-    data = arithmetic_sequences(256)
     kw = dict(max_steps=24, save_strategy="steps", save_steps=6, importance_warmup=0.5, budget_schedule_start=0.5,
               budget_schedule_end=0.5, fix_masks_at=0.5, forward_search_steps=None)
-    full = tiny_llama()
-    run = SparseTrainer(model=full, args=make_args(tmp_path / "full", **kw), train_dataset=data)
-    run.train()
-    assert run.structure_run()["forward_search_steps"] == 16
-    stopped = tiny_llama()
-    SparseTrainer(model=stopped, args=make_args(tmp_path / "part", **kw), train_dataset=data,
-                  callbacks=[StopAt(resume_at)]).train()
-    resumed = tiny_llama()
-    trainer = SparseTrainer(model=resumed, args=make_args(tmp_path / "part", **kw), train_dataset=data)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / f"checkpoint-{resume_at}"))
-    assert torch.equal(hs.SparseStructure(full).masks(), hs.SparseStructure(resumed).masks())
-    assert torch.equal(hs.SparseStructure(full).scores(), hs.SparseStructure(resumed).scores())
-    a, b = full.state_dict(), resumed.state_dict()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
-    assert trainer.structure_run()["forward_search_steps"] == 16  # counted once, before or after the resume
+    full, resumed = full_and_resumed(tmp_path, kw, resume_at)
+    assert full.structure_run()["forward_search_steps"] == 16
+    assert torch.equal(full.structure.scores(), resumed.structure.scores())
+    assert resumed.structure_run()["forward_search_steps"] == 16  # counted once, before or after the resume
 
 
 def test_resume_inside_an_extended_warmup_continues_exactly(tmp_path):
     """A warm-up extended while the loss is at its starting level (warmup_loss_drop), checkpointed inside the
     extension: the resumed run reads the saved levels and extension, ends the warm-up on the same step and fixes
     the same mask on the same weights."""
-    data = arithmetic_sequences(256)
     kw = dict(max_steps=24, save_strategy="steps", save_steps=14, importance_warmup=0.5, budget_schedule_start=0.5,
               budget_schedule_end=0.5, fix_masks_at=0.5, forward_search_steps=0, warmup_loss_drop=0.12,
               warmup_extend_until=1.0)
-    full = tiny_llama()
-    run = SparseTrainer(model=full, args=make_args(tmp_path / "full", **kw), train_dataset=data)
-    run.train()
-    extension = run.structure_run()["warmup_extension_steps"]
+    full, resumed = full_and_resumed(tmp_path, kw, 14)
+    extension = full.structure_run()["warmup_extension_steps"]
     assert 14 - 12 < extension < 24 - 12  # the checkpoint is inside the extension, which ends before the run
-    stopped = tiny_llama()
-    SparseTrainer(model=stopped, args=make_args(tmp_path / "part", **kw), train_dataset=data,
-                  callbacks=[StopAt(14)]).train()
-    resumed = tiny_llama()
-    trainer = SparseTrainer(model=resumed, args=make_args(tmp_path / "part", **kw), train_dataset=data)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-14"))
-    assert trainer.structure_run()["warmup_extension_steps"] == extension
-    assert trainer.structure_run()["importance_warmup_steps"] == run.structure_run()["importance_warmup_steps"]
-    assert torch.equal(hs.SparseStructure(full).masks(), hs.SparseStructure(resumed).masks())
-    a, b = full.state_dict(), resumed.state_dict()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
+    assert resumed.structure_run()["warmup_extension_steps"] == extension
+    assert resumed.structure_run()["importance_warmup_steps"] == full.structure_run()["importance_warmup_steps"]
 
 
 @pytest.mark.parametrize(
