@@ -7,7 +7,8 @@ Methods (each run: real all-MiniLM-L6-v2, batch 32, pairs truncated to 64 tokens
   dense       the plain `Trainer`
   random      `SparseTrainer` on a random choice of heads and neurons at `--sparsity`, fixed from the start
   hf_sparse   `SparseTrainer(model, args)` with the library's defaults at `--sparsity` (dense for the first
-              half with the Taylor importance read from the backward, then the informed top-K mask fixed)
+              half, longer while the loss is at its starting level, with the Taylor importance read from the
+              backward; the forward-only allocation search; then the top-K mask fixed)
   paper_schedule  the paper's schedule (`PAPER_SCHEDULE`: search from the dense model, budget down by 50%,
               fixed at 80%): the library's defaults before this study
   hf_sparse_distill  the defaults plus `distill_from="warmup"` (the dense weights at the end of the warm-up
@@ -223,7 +224,8 @@ def transformer_run(task: str, method: str, seed: int, steps: int, sparsity: flo
 
 # The pipeline's prune-and-fine-tune stage: 20 of 250 steps dense on the fine-tuned model to read the Taylor
 # importance, then the informed mask fixed (the two-stage script of the quality issue; no forward search: it is
-# the Taylor pruning users run; a fine-tuned model's loss has no plateau to leave, so no warm-up extension)
+# the Taylor pruning users run; the extension is off: a fine-tuned model's loss is already flat, and the warm-up
+# would wait to its cap for a drop that is not coming)
 PIPELINE_SCHEDULE = {"importance_warmup": 0.08, "budget_schedule_start": 0.08, "budget_schedule_end": 0.08,
                      "fix_masks_at": 0.08, "forward_search_steps": 0, "warmup_loss_drop": 0}
 # The baselines' gradual schedule (the quality study's: cubic from dense over the first half, fixed at 80%)

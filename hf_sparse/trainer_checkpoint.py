@@ -331,8 +331,7 @@ class CheckpointMixin:
         if self._importance is not None and state.get("importance") is not None:
             self._importance.load_state_dict(state["importance"])
         if state.get("warmup_loss") is not None:
-            self._warmup_loss = WarmupLoss(1)
-            self._warmup_loss.load_state_dict(state["warmup_loss"])
+            self._warmup_loss = WarmupLoss.from_state_dict(state["warmup_loss"])
         teacher_path = os.path.join(checkpoint, TEACHER_STATE_NAME)
         if self._distiller is not None and self.args.distill_from == "warmup" and os.path.isfile(teacher_path):
             teacher = frozen_copy(self.accelerator.unwrap_model(self.model))

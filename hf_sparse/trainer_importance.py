@@ -22,7 +22,6 @@ class ImportanceMixin:
         """The state this part owns: the importance accumulator, when the run has an informed start."""
         self._importance: TaylorImportance | None = None
         self._warmup_loss: WarmupLoss | None = None  # made at the first warm-up step (its window needs max_steps)
-        self._warmup_step_loss = None
         if args.importance_warmup > 0 and not self._fixed_from_start:
             self._importance = TaylorImportance(model, self.structure)
 
@@ -35,7 +34,7 @@ class ImportanceMixin:
             self._record_flops(3.0, kind="importance_warmup")
         with self._importance.track():
             loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.warmup_loss_window():  # the step's loss: the sum over its micro-batches, as the Trainer logs it
+        if self._warmup_loss_read(step):  # the step's loss: the sum over its micro-batches, as the Trainer logs it
             part = loss.detach().float()
             self._warmup_step_loss = part if self._warmup_step_loss is None else self._warmup_step_loss + part
         if self.accelerator.sync_gradients:
@@ -58,6 +57,13 @@ class ImportanceMixin:
                 else:
                     self._informed_start(step + 1)
         return loss
+
+    def _warmup_loss_read(self, step: int) -> bool:
+        """Whether this warm-up step's loss enters the levels: the first window's steps and those of the window
+        before each decision (the planned end, then every extended step); the steps between are never read, so
+        they are not collected (nor all-reduced)."""
+        window = self.warmup_loss_window()
+        return bool(window) and (step < window or step >= self.importance_warmup_steps() - window)
 
     def _record_warmup_loss(self, step: int, loss: torch.Tensor) -> None:
         """The step's loss, averaged over the ranks first: every rank holds the same levels (and the checkpoint

@@ -26,13 +26,19 @@ class ScheduleMixin:
         step = self.state.global_step if step is None else step
         return self._importance is not None and step < self.importance_warmup_steps()
 
-    def importance_warmup_steps(self) -> int:
-        """Dense warm-up steps of the informed start: a positive importance_warmup is at least one step (a
-        fraction that rounds to 0 steps of a short run would otherwise skip the informed start silently), plus
-        the steps it was extended by while the loss was still at its starting level (`warmup_extension`)."""
+    def planned_warmup_steps(self, max_steps: int | None = None) -> int:
+        """The dense warm-up as importance_warmup plans it, in steps of a run of `max_steps` (default this run's):
+        at least one (a fraction that rounds to 0 steps of a short run would otherwise skip the informed start
+        silently); 0 without an informed start."""
         if self._importance is None:
             return 0
-        return max(1, self._fraction_step(self.args.importance_warmup)) + self.warmup_extension()
+        total = self.state.max_steps if max_steps is None else max_steps
+        return max(1, int(round(self.args.importance_warmup * total)))
+
+    def importance_warmup_steps(self) -> int:
+        """Dense warm-up steps of the informed start: the planned ones plus the steps it was extended by while the
+        loss was still at its starting level (`warmup_extension`)."""
+        return self.planned_warmup_steps() + self.warmup_extension()  # (0 and 0 without an informed start)
 
     def warmup_extension(self) -> int:
         """Steps the dense warm-up went on past importance_warmup (warmup_loss_drop); the fixing moves with it."""
@@ -42,25 +48,23 @@ class ScheduleMixin:
         """Steps in each of the two windows the warm-up's loss levels are read over (a sixth of the planned
         warm-up); 0 where the extension is off: no warm-up, warmup_loss_drop 0, or a warm-up under 12 steps (a
         level of one step is one batch's noise)."""
-        total = self.state.max_steps if max_steps is None else max_steps
-        if self._importance is None or self.args.warmup_loss_drop <= 0:
+        if self.args.warmup_loss_drop <= 0:
             return 0
-        window = max(1, int(round(self.args.importance_warmup * total))) // 6
+        window = self.planned_warmup_steps(max_steps) // 6
         return window if window >= 2 else 0
 
     def max_warmup_extension(self, max_steps: int | None = None) -> int:
         """The most steps the warm-up may be extended by (0 where the extension is off)."""
         if not self.warmup_loss_window(max_steps):
             return 0
-        total = self.state.max_steps if max_steps is None else max_steps
-        return max(0, self.latest_warmup_step(max_steps) - max(1, int(round(self.args.importance_warmup * total))))
+        return max(0, self.latest_warmup_step(max_steps) - self.planned_warmup_steps(max_steps))
 
     def latest_warmup_step(self, max_steps: int | None = None) -> int:
         """The step the warm-up's extension may not pass: warmup_extend_until of the run, less the planned
         steps between the warm-up's end and the fixing (both move together)."""
         total = self.state.max_steps if max_steps is None else max_steps
         a = self.args
-        planned_warmup = max(1, int(round(a.importance_warmup * total)))
+        planned_warmup = self.planned_warmup_steps(max_steps)
         gap = max(0, int(round(a.fix_masks_at * total)) - planned_warmup) if a.fix_masks_at < 1.0 else 0
         return max(planned_warmup, int(round(a.warmup_extend_until * total)) - gap)
 
@@ -73,7 +77,7 @@ class ScheduleMixin:
         if self._importance is None:
             return fix
         extension = self.warmup_extension() if max_steps is None else 0
-        return max(fix, max(1, int(round(self.args.importance_warmup * total)))) + extension
+        return max(fix, self.planned_warmup_steps(max_steps)) + extension
 
     def is_fixed(self, step: int | None = None) -> bool:
         step = self.state.global_step if step is None else step

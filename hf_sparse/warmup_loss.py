@@ -43,11 +43,12 @@ class WarmupLoss:
         return {"window": self.window, "start_step": self.start_step, "first": list(self.first),
                 "recent": list(self.recent)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.window = int(state["window"])
-        self.start_step = int(state["start_step"])
-        self.first = [float(x) for x in state["first"]]
-        self.recent = deque((float(x) for x in state["recent"]), maxlen=self.window)
+    @classmethod
+    def from_state_dict(cls, state: dict) -> WarmupLoss:
+        levels = cls(int(state["window"]), start_step=int(state["start_step"]))
+        levels.first = [float(x) for x in state["first"]]
+        levels.recent.extend(float(x) for x in state["recent"])
+        return levels
 
 
 def still_at_start(start: float, now: float, drop: float) -> bool:

@@ -220,8 +220,7 @@ def test_warmup_loss_windows():
     for x in (4.0, 2.0, 9.0, 1.0, 3.0):
         w.add(x)
     assert w.levels() == (3.0, 2.0)  # the first two steps, the latest two
-    w2 = WarmupLoss(1)
-    w2.load_state_dict(w.state_dict())
+    w2 = WarmupLoss.from_state_dict(w.state_dict())
     assert w2.levels() == (3.0, 2.0) and w2.window == 2
     assert still_at_start(1.0, 0.99, 0.02) and not still_at_start(1.0, 0.97, 0.02)
     assert not still_at_start(-1.0, -0.5, 0.02) and not still_at_start(1.0, float("nan"), 0.02)
@@ -254,5 +253,6 @@ def test_a_resume_without_the_saved_levels_does_not_extend_the_warmup(tmp_path):
     resumed = SparseTrainer(model=tiny_llama(), args=args, sparse_config=SparseConfig(sparsity=0.5),
                             train_dataset=_constant_sequences())
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-6"))
-    assert resumed.warmup_extension() == 0 and resumed._warmup_loss.start_step == 6
+    # (its first level is read at step 10, the window before the planned end: steps 6-9 are never read)
+    assert resumed.warmup_extension() == 0 and resumed._warmup_loss.start_step == 12 - 2
     assert resumed.structure_run()["importance_warmup_steps"] == 12

@@ -40,13 +40,12 @@ def main():
             schedule["forward_search"] = "units"
     if start == "extended":  # a 12-step warm-up whose loss falls by the asked share a few steps after its end: the
         # ranks' own losses differ, their mean decides when it ends (and where the mask is fixed) on both
-        schedule = dict(importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5,
-                        forward_search_steps=0, warmup_loss_drop=0.12,
-                        warmup_extend_until=1.0)
+        schedule = dict(importance_warmup=0.5, budget_schedule_start=0.5, budget_schedule_end=0.5, fix_masks_at=0.5,
+                        forward_search_steps=0, warmup_loss_drop=0.12, warmup_extend_until=1.0)
     args = hs.SparseTrainingArguments(
         output_dir=out_dir, max_steps=24 if start == "extended" else 16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=3e-3, logging_steps=4, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
-        **{"fix_masks_at": 0.5 if start == "extended" else 0.75, **schedule}, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
+        **{"fix_masks_at": 0.75, **schedule}, mask_groups=2, ddp_find_unused_parameters=False, ddp_backend="gloo", use_cpu=True,
     )
     model = tiny_llama()
     trainer_class = RankOffsetLoss if start == "extended" else hs.SparseTrainer
